@@ -1,0 +1,39 @@
+"""The ahead-of-time entry point: `compress(model, example_inputs, ...)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .capture import capture, check_inputs
+from .config import CompressConfig
+from .errors import OptionError
+from .pipeline import compress_graph
+from .plan import Plan
+from .report import Report
+
+
+@dataclass
+class CompressResult:
+    module: fx.GraphModule  # the compressed model; call it like the original
+    plan: Plan  # what was applied, reusable by the backend and the build step
+    report: Report
+
+
+def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict | None = None,
+             config: CompressConfig | None = None, **options) -> CompressResult:
+    """Capture `model`, apply `plan` (activations to linearise), then every exact merge the cost model allows.
+
+    Options are the fields of `CompressConfig` (allow_approximate, force, max_kernel_size, tolerance).
+    The caller's model is never modified.
+    """
+    if config is not None and options:
+        raise OptionError("pass either config or keyword options, not both")
+    config = config or CompressConfig.from_options(options)
+    example_inputs = check_inputs(model, example_inputs)
+    plan = Plan.load(plan)
+    with torch.no_grad():
+        gm = capture(model, example_inputs)
+        gm, report = compress_graph(gm, example_inputs, config, plan)
+    return CompressResult(gm, plan, report)

@@ -1,0 +1,47 @@
+"""Settings of a compression run, validated once where they enter."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How far the rewriting passes may go.
+
+    allow_approximate: apply conv-conv merges that are exact only away from the border ring
+        (first kernel > 1 and second padding > 0); each is listed in the report.
+    force: merge even where the cost model (MACs and parameters) says the result is more expensive.
+    max_kernel_size: largest merged kernel side; bounds the growth k1 + (k2 - 1) * s1 of merged chains.
+    tolerance: largest relative output change (max |delta| / max |ref|) an exact rewrite may cause
+        before it is rolled back.
+    """
+
+    allow_approximate: bool = False
+    force: bool = False
+    max_kernel_size: int = 7
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            expected = {"bool": bool, "int": int, "float": (int, float)}[field.type]
+            if not isinstance(value, expected) or (field.type != "bool" and isinstance(value, bool)):
+                raise OptionError(f"option {field.name!r} must be {field.type}, got {value!r}")
+        if self.max_kernel_size < 1:
+            raise OptionError(f"option 'max_kernel_size' must be >= 1, got {self.max_kernel_size}")
+        if not 0 < self.tolerance < 1:
+            raise OptionError(f"option 'tolerance' must be in (0, 1), got {self.tolerance}")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "CompressConfig":
+        unknown = sorted(set(options) - cls.option_names())
+        if unknown:
+            raise OptionError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                              f"valid: {', '.join(sorted(cls.option_names()))}")
+        return cls(**options)
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return {field.name for field in fields(cls)}

@@ -1,0 +1,30 @@
+"""Typed errors: each names the option, node, pass or package at fault."""
+
+
+class FxCompressError(Exception):
+    """Base class of every error fxcompress raises on purpose."""
+
+
+class CaptureError(FxCompressError):
+    """The model could not be captured as a graph."""
+
+
+class OptionError(FxCompressError, ValueError):
+    """A wrong option name, type or value."""
+
+
+class PlanError(FxCompressError, ValueError):
+    """A plan that does not fit the graph it is applied to."""
+
+
+class PassError(FxCompressError):
+    """An internal invariant broke inside a pass."""
+
+
+class MissingDependencyError(FxCompressError, ImportError):
+    """An optional dependency needed by the requested feature is not installed."""
+
+
+def valid_choice(kind: str, value: object, choices) -> None:
+    if value not in choices:
+        raise OptionError(f"unknown {kind} {value!r}; valid: {', '.join(sorted(map(str, choices)))}")

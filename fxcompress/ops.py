@@ -1,0 +1,150 @@
+"""The op table: one place that knows how each capture dialect spells the ops the passes rewrite.
+
+`torch.export` graphs use ATen overloads (`aten.conv2d.default`, `aten.batch_norm.default`); graphs that
+dynamo hands a backend use `torch.conv2d`, `F.batch_norm`, `torch._C._nn.linear`, `operator.iadd`. `bind`
+maps any of them to an `OpCall` whose arguments are bound by parameter name with defaults filled in, so
+that passes never index `node.args` by position (`F.batch_norm` and `aten.batch_norm` order their
+arguments differently). An op missing from the table is opaque: passes treat it as a merge blocker.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+aten = torch.ops.aten
+
+CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+
+
+def conv_with_bias_map(input, weight, bias, stride, padding, groups, bias_map):
+    """A convolution plus an input-independent additive map (emitted by exact border-corrected merges)."""
+    conv = CONV_BY_DIMS[weight.dim() - 2]
+    return conv(input, weight, bias, stride, padding, [1] * (weight.dim() - 2), groups) + bias_map
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    kind: str  # conv | linear | batch_norm | activation | add | dropout
+    name: str  # op name used in stable node names: equal across dialects
+    params: tuple[str, ...]
+    defaults: tuple[tuple[str, Any], ...] = ()
+    tuple_output: bool = False  # the tensor result is element 0 of a tuple
+
+
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = (("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+_ATEN_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+            "cudnn_enabled")
+_BN_DEFAULTS = (("weight", None), ("bias", None), ("training", False), ("momentum", 0.1), ("eps", 1e-5))
+_ADD = ("input", "other", "alpha")
+
+
+def _activation(name: str, *params: str, **defaults: Any) -> OpSpec:
+    return OpSpec("activation", name, ("input",) + params, tuple(defaults.items()))
+
+
+_TABLE: dict[Any, OpSpec] = {}
+
+
+def _register(targets, spec: OpSpec) -> None:
+    for target in targets:
+        _TABLE[target] = spec
+
+
+for _dims in (1, 2, 3):
+    _register([getattr(torch, f"conv{_dims}d"), getattr(aten, f"conv{_dims}d").default],
+              OpSpec("conv", "conv", _CONV, _CONV_DEFAULTS))
+_register([aten.convolution.default], OpSpec(
+    "conv", "conv", ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups")))
+_register([conv_with_bias_map], OpSpec(
+    "conv", "conv", ("input", "weight", "bias", "stride", "padding", "groups", "bias_map")))
+_register([torch._C._nn.linear, aten.linear.default], OpSpec("linear", "linear", ("input", "weight", "bias"),
+                                                              (("bias", None),)))
+_register([F.batch_norm], OpSpec(
+    "batch_norm", "batch_norm",
+    ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"), _BN_DEFAULTS))
+_register([torch.batch_norm, aten.batch_norm.default], OpSpec("batch_norm", "batch_norm", _ATEN_BN, _BN_DEFAULTS))
+_register([aten._native_batch_norm_legit_no_training.default], OpSpec(
+    "batch_norm", "batch_norm", ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"),
+    _BN_DEFAULTS, tuple_output=True))
+
+_register([torch.relu, torch.relu_, F.relu, aten.relu.default, aten.relu_.default], _activation("relu", "inplace"))
+_register([F.relu6], _activation("hardtanh", "inplace", min_val=0.0, max_val=6.0))
+_register([F.hardtanh, torch._C._nn.hardtanh, aten.hardtanh.default, aten.hardtanh_.default],
+          _activation("hardtanh", "min_val", "max_val", "inplace", min_val=-1.0, max_val=1.0))
+_register([F.gelu, aten.gelu.default], _activation("gelu", "approximate"))
+_register([F.silu, aten.silu.default, aten.silu_.default], _activation("silu", "inplace"))
+_register([F.hardswish, aten.hardswish.default, aten.hardswish_.default], _activation("hardswish", "inplace"))
+_register([F.leaky_relu, aten.leaky_relu.default, aten.leaky_relu_.default],
+          _activation("leaky_relu", "negative_slope", "inplace"))
+
+_register([operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor],
+          OpSpec("add", "add", _ADD, (("alpha", 1),)))
+_register([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout], OpSpec(
+    "dropout", "dropout", ("input", "p", "training", "inplace"), (("p", 0.5), ("training", True))))
+_register([torch.dropout, aten.dropout.default], OpSpec("dropout", "dropout", ("input", "p", "train")))
+
+ACTIVATION_NAMES = frozenset(spec.name for spec in _TABLE.values() if spec.kind == "activation")
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """A recognised op with its arguments bound by parameter name."""
+
+    kind: str
+    name: str
+    node: fx.Node
+    args: dict[str, Any]
+    tuple_output: bool = False
+
+    def __getitem__(self, param: str) -> Any:
+        return self.args[param]
+
+    @property
+    def output(self) -> fx.Node:
+        """The node that carries the tensor result (the getitem for tuple-returning ops)."""
+        if not self.tuple_output:
+            return self.node
+        items = [u for u in self.node.users if u.target is operator.getitem and u.args[1] == 0]
+        return items[0] if len(items) == 1 else self.node
+
+
+def bind(node: fx.Node) -> OpCall | None:
+    """Bind `node` to the op table, or None for ops the passes do not know (opaque)."""
+    if node.op != "call_function":
+        return None
+    spec = _TABLE.get(node.target)
+    if spec is None:
+        return None
+    if len(node.args) > len(spec.params):
+        return None
+    args = dict(spec.defaults)
+    args.update(zip(spec.params, node.args))
+    for key, value in node.kwargs.items():
+        args["input" if key == "self" else key] = value
+    return OpCall(spec.kind, spec.name, node, args, spec.tuple_output)
+
+
+def op_name(node: fx.Node) -> str:
+    """A short name of the op a node runs: the table's name where known, else the target's own."""
+    call = bind(node)
+    if call is not None:
+        return call.name
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return name.split(".")[0].rstrip("_")
+    return node.op
+
+
+def as_tuple(value: Any, dims: int) -> tuple[int, ...]:
+    """Expand an int or 1-element list into a per-dimension tuple (convolution arguments)."""
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    return value * dims if len(value) == 1 else value

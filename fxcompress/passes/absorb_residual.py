@@ -1,0 +1,83 @@
+"""absorb_residual: turn `conv(x) + x` and `conv_a(x) + conv_b(x)` into one conv.
+
+An identity shortcut becomes a Dirac tap (needs equal channels and an output the size of x: odd kernel,
+"same" padding); a 1x1 strided downsample shortcut (its BatchNorm already folded) lands on tap P of the
+main kernel (`merge_math.add_parallel_convs`). Exact. Needs each conv's only user to be the add; applied
+when it costs no more MACs and parameters than the branches, or with `force`. Reads `meta.SHAPE`.
+"""
+from torch import fx
+
+from ..context import PassContext
+from ..graph import real_users, replace_node, stable_name, tensor_shape
+from ..layers import NoMatch, emit_conv, read_conv, spatial_size
+from ..merge_math import add_parallel_convs, identity_conv
+from ..ops import OpCall, bind
+from .merge_conv_chain import conv_cost
+
+
+def _branch(gm: fx.GraphModule, operand, add: fx.Node):
+    """(input node, conv spec or None for an identity branch)."""
+    call = bind(operand) if isinstance(operand, fx.Node) else None
+    if call is not None and call.kind == "conv" and real_users(operand) == [add]:
+        spec = read_conv(gm, call)
+        return (call["input"], spec) if spec else (operand, None)
+    return operand, None
+
+
+def _match(gm: fx.GraphModule, add: OpCall):
+    if add["alpha"] != 1:
+        return NoMatch("add with alpha != 1")
+    operands = (add["input"], add["other"])
+    if not all(isinstance(op, fx.Node) and tensor_shape(op) == tensor_shape(add.node) for op in operands):
+        return NoMatch("operands are not two tensors of the output's shape")
+    (input_a, spec_a), (input_b, spec_b) = (_branch(gm, op, add.node) for op in operands)
+    if spec_a is None and spec_b is None:
+        return NoMatch("no operand is a conv used only by this add")
+    if spec_a is None or spec_b is None:
+        conv_input, spec = (input_b, spec_b) if spec_a is None else (input_a, spec_a)
+        shortcut = input_a if spec_a is None else input_b
+        if shortcut is not conv_input:
+            return NoMatch("the shortcut is not the conv's input")
+        identity = identity_conv(spec.in_channels, spec.spatial_dims, spec.weight.dtype, spec.weight.device)
+        spec_a, spec_b, input_a = spec, identity, conv_input
+        if spec.in_channels != spec.out_channels:
+            return NoMatch("identity shortcut around a conv that changes the channel count")
+    elif input_a is not input_b:
+        return NoMatch("the two convs read different inputs")
+    try:
+        merged = add_parallel_convs(spec_a, spec_b, spatial_size(input_a))
+    except ValueError as error:
+        return NoMatch(str(error))
+    return input_a, spec_a, spec_b, merged
+
+
+def absorb_residual(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        add = bind(node)
+        if add is None or add.kind != "add":
+            continue
+        name = stable_name(node)
+        match = _match(gm, add)
+        if not match:
+            ctx.skip(name, match)
+            continue
+        conv_input, spec_a, spec_b, merged = match
+        out_size = spatial_size(node)
+        (macs_a, params_a), (macs_b, params_b) = conv_cost(spec_a, out_size), conv_cost(spec_b, out_size)
+        macs, params = conv_cost(merged, out_size)
+        if not ctx.config.force and (macs > macs_a + macs_b or params > params_a + params_b):
+            ctx.skip(name, f"absorbing the shortcut would raise MACs {macs_a + macs_b:,} -> {macs:,}")
+            continue
+        if not ctx.allows(name):
+            continue
+        branches = [op for op in (add["input"], add["other"]) if op is not conv_input]
+        sources = [stable_name(branch) for branch in branches] + [name]
+        new = emit_conv(gm, conv_input, merged, replacing=node)
+        replace_node(node, new)
+        for branch in branches:
+            if not branch.users:
+                gm.graph.erase_node(branch)
+        ctx.record(sources, True, f"shortcut absorbed, kernel {merged.kernel_size}", macs_a + macs_b, macs)
+        changed = True
+    return changed

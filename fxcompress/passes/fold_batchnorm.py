@@ -1,0 +1,79 @@
+"""fold_batchnorm: fold an eval-mode BatchNorm into the conv or linear that feeds it.
+
+W' = s * W and b' = s * (b - mean) + beta with s = gamma / sqrt(var + eps), per output channel
+(`merge_math.fold_batchnorm`). Needs: the producer's only user is the BatchNorm; weights and statistics
+are constants; for a linear producer, a 2-d output (BatchNorm1d over features). Does not handle a
+BatchNorm before its conv (pre-activation networks) nor one in training mode.
+"""
+import torch
+from torch import fx
+
+from ..context import PassContext
+from ..graph import constant, real_users, replace_node, stable_name, tensor_shape
+from ..layers import LinearSpec, NoMatch, emit_conv, emit_linear, read_conv, read_linear
+from ..merge_math import ConvSpec, fold_batchnorm as fold_batchnorm_weights
+from ..ops import OpCall, bind
+
+
+def _statistics(gm: fx.GraphModule, bn: OpCall) -> dict | NoMatch:
+    values = {}
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        if bn[name] is None:
+            if name.startswith("running"):
+                return NoMatch("batch_norm without running statistics")
+            values[name] = None
+            continue
+        values[name] = constant(gm, bn[name])
+        if values[name] is None:
+            return NoMatch(f"batch_norm {name} is computed at run time")
+    return values
+
+
+def _match(gm: fx.GraphModule, bn: OpCall):
+    if bn["training"]:
+        return NoMatch("batch_norm in training mode")
+    producer = bind(bn["input"]) if isinstance(bn["input"], fx.Node) else None
+    if producer is None or producer.kind not in ("conv", "linear"):
+        return NoMatch("input is not a conv or linear")
+    users = len(real_users(producer.node))
+    if users != 1:
+        return NoMatch(f"{stable_name(producer.node)} output has {users} users")
+    if producer.kind == "linear" and len(tensor_shape(producer.node) or ()) != 2:
+        return NoMatch("batch_norm after a linear whose output is not 2-d")
+    spec = read_conv(gm, producer) if producer.kind == "conv" else read_linear(gm, producer)
+    statistics = _statistics(gm, bn)
+    if not spec or not statistics:
+        return spec or statistics
+    return producer, spec, statistics
+
+
+def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        bn = bind(node)
+        if bn is None or bn.kind != "batch_norm":
+            continue
+        name = stable_name(node)
+        match = _match(gm, bn)
+        if not match:
+            ctx.skip(name, match)
+            continue
+        if not ctx.allows(name):
+            continue
+        producer, spec, stats = match
+        mean, var, gamma, beta = stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"]
+        eps = float(bn["eps"])
+        weight, bias = fold_batchnorm_weights(spec.weight, spec.bias, mean, var, gamma, beta, eps)
+        if isinstance(spec, ConvSpec):
+            scale = (1.0 if gamma is None else gamma) / torch.sqrt(var + eps)
+            bias_map = None if spec.bias_map is None else spec.bias_map * scale.reshape(-1, *[1] * spec.spatial_dims)
+            new = emit_conv(gm, producer["input"], ConvSpec(weight, bias, spec.stride, spec.padding, spec.groups,
+                                                            bias_map), replacing=producer.node)
+        else:
+            new = emit_linear(gm, producer["input"], LinearSpec(weight, bias), replacing=producer.node)
+        producer_name = stable_name(producer.node)
+        replace_node(node, new)
+        replace_node(producer.node, new)
+        ctx.record([producer_name, name], detail="batch_norm folded")
+        changed = True
+    return changed

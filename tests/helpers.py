@@ -1,0 +1,89 @@
+"""Shared test helpers: real models with randomised BatchNorm, both capture methods, error measure."""
+from __future__ import annotations
+
+import torch
+import torchvision
+
+import fxcompress
+from fxcompress.backend import bake_weights, weight_placeholders
+from fxcompress.capture import capture
+from fxcompress.graph import annotate_names
+from fxcompress.pipeline import activation_names
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fresh BatchNorm is nearly the identity and hides folding bugs: give it real-looking statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            channels = module.num_features
+            module.running_mean.copy_(torch.randn(channels, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(channels, generator=generator) * 1.5 + 0.5)
+            module.weight.data.copy_(1 + 0.3 * torch.randn(channels, generator=generator))
+            module.bias.data.copy_(0.3 * torch.randn(channels, generator=generator))
+    return model
+
+
+def torchvision_model(name: str, **kwargs) -> torch.nn.Module:
+    """A torchvision model, random init, eval mode, with randomised BatchNorm and no all-zero layer
+    (ViT's head starts at zero, which would make every output 0 and every comparison vacuous)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(**kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.normal_(0, 0.02)
+    return randomize_batchnorm(model).eval()
+
+
+def relative_error(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    return ((actual - reference).abs().max() / reference.abs().max()).item()
+
+
+def dynamo_graph(model: torch.nn.Module, inputs: tuple):
+    """The graph dynamo hands a backend, with its weight placeholders baked: (GraphModule, runtime inputs)."""
+    captured = {}
+
+    def grab(gm, example_inputs):
+        captured["gm"], captured["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=grab, fullgraph=True)(*inputs)
+    torch._dynamo.reset()
+    gm, example_inputs = captured["gm"], captured["inputs"]
+    indices = weight_placeholders(gm, example_inputs)
+    runtime = [value for i, value in enumerate(example_inputs) if i not in indices]
+    return bake_weights(gm, example_inputs, indices), runtime
+
+
+def export_graph(model: torch.nn.Module, inputs: tuple):
+    return capture(model, inputs), list(inputs)
+
+
+CAPTURES = {"export": export_graph, "dynamo": dynamo_graph}
+
+
+def all_activations(model: torch.nn.Module, inputs: tuple) -> fxcompress.Plan:
+    gm = capture(model, inputs)
+    annotate_names(gm)
+    return fxcompress.Plan.linearize(activation_names(gm))
+
+
+def state_of(model: torch.nn.Module) -> dict:
+    """Everything a public call must leave untouched: tensors (by value and version), flags and hooks."""
+    tensors = {name: (t.detach().clone(), t._version) for name, t in model.state_dict(keep_vars=True).items()}
+    flags = {name: module.training for name, module in model.named_modules()}
+    hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    return {"tensors": tensors, "flags": flags, "hooks": hooks}
+
+
+def assert_state_unchanged(before: dict, model: torch.nn.Module) -> None:
+    after = state_of(model)
+    assert before["flags"] == after["flags"]
+    assert before["hooks"] == after["hooks"]
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for name, (tensor, version) in before["tensors"].items():
+        new_tensor, new_version = after["tensors"][name]
+        assert torch.equal(tensor, new_tensor), f"{name} changed"
+        assert version == new_version, f"{name} was written in place"
