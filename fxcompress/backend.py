@@ -7,11 +7,12 @@ constants, runs the pass pipeline and lowers the result.
 
 Instance safety: dynamo reuses one graph for every instance of a class, and weights can be edited in
 place after compilation. At each call the backend checks that the tensors in the baked positions are the
-very objects it baked, at the same version counter, and compiles again for any other weights (a small
-cache keeps one compiled graph per set of weights).
+very objects it baked, at the same version counter (and baked scalars such as a BatchNorm eps have the
+same value), and compiles again otherwise (a small cache keeps one compiled graph per set of weights).
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import OrderedDict
 
@@ -50,14 +51,26 @@ def parse_options(options: dict | None) -> tuple[str, Plan, CompressConfig, obje
 def weight_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
     """Indices of placeholders used only as weights, biases or statistics of ops the passes rewrite."""
     indices = []
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(value, torch.Tensor):
-            continue
+    for index, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):
         uses = [user for user in node.users if not is_guard(user)]
-        if uses and all(_is_weight_use(user, node) for user in uses):
+        if isinstance(value, torch.Tensor) and uses and all(_is_weight_use(user, node) for user in uses):
             indices.append(index)
     return indices
+
+
+def scalar_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Indices of 0-d tensors read only through `.item()`: module attributes such as a BatchNorm eps or a
+    dropout probability, which dynamo passes as inputs when compiling with dynamic=True."""
+    indices = []
+    for index, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and node.users and \
+                all(user.op == "call_method" and user.target == "item" for user in node.users):
+            indices.append(index)
+    return indices
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [node for node in gm.graph.nodes if node.op == "placeholder"]
 
 
 def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
@@ -68,20 +81,24 @@ def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
         call.args.get("input") is not value
 
 
-def bake_weights(gm: fx.GraphModule, example_inputs, indices: list[int]) -> fx.GraphModule:
-    """A copy of `gm` whose placeholders at `indices` are constants holding copies of those tensors."""
+def bake_weights(gm: fx.GraphModule, example_inputs, weights: list[int], scalars: list[int] = ()
+                 ) -> fx.GraphModule:
+    """A copy of `gm` in which the placeholders at `weights` are constants holding copies of those tensors
+    and the `.item()` reads of the placeholders at `scalars` are their values."""
     baked = fx.GraphModule(torch.nn.Module(), fx.Graph())
-    env: dict[fx.Node, fx.Node] = {}
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        if index in indices:
+    env: dict[fx.Node, object] = {}
+    for index, node in enumerate(_placeholders(gm)):
+        if index in weights:
             name = f"baked_{node.name}"
             baked.register_buffer(name, example_inputs[index].detach().clone())
             env[node] = baked.graph.get_attr(name)
+        elif index in scalars:
+            for item in node.users:
+                env[item] = example_inputs[index].item()
         else:
             env[node] = baked.graph.node_copy(node, lambda n: env[n])
     for node in gm.graph.nodes:
-        if node.op != "placeholder":
+        if node.op != "placeholder" and node not in env:
             env[node] = baked.graph.node_copy(node, lambda n: env[n])
     baked.recompile()
     return baked
@@ -94,18 +111,24 @@ class DepthPruneCompiled:
         self.lowering, self.plan, self.config, self.on_report = parse_options(options)
         self.graph = gm
         self.weight_indices = weight_placeholders(gm, example_inputs)
-        self.runtime_indices = [i for i in range(len(example_inputs)) if i not in self.weight_indices]
+        self.scalar_indices = scalar_placeholders(gm, example_inputs)
+        baked = set(self.weight_indices) | set(self.scalar_indices)
+        self.runtime_indices = [i for i in range(len(example_inputs)) if i not in baked]
         self.cache: OrderedDict = OrderedDict()
         self._compile(example_inputs)
 
     def _key(self, args) -> tuple:
-        return tuple((id(args[i]), args[i]._version) for i in self.weight_indices)
+        weights = tuple((id(args[i]), args[i]._version) for i in self.weight_indices)
+        return weights + tuple(args[i].item() for i in self.scalar_indices)
 
     def _compile(self, args):
-        baked = bake_weights(self.graph, args, self.weight_indices)
+        baked = bake_weights(self.graph, args, self.weight_indices, self.scalar_indices)
         runtime_args = [args[i] for i in self.runtime_indices]
+        config = self.config
+        if any(not isinstance(arg, torch.Tensor) for arg in runtime_args):  # sizes passed: dynamic shapes
+            config = dataclasses.replace(config, allow_bias_map=False)
         with torch.no_grad():
-            compressed, report = compress_graph(baked, runtime_args, self.config, self.plan)
+            compressed, report = compress_graph(baked, runtime_args, config, self.plan)
         if self.on_report is not None:
             self.on_report(report)
         compiled = lower_graph(compressed, runtime_args, self.lowering)

@@ -13,6 +13,8 @@ class CompressConfig:
     allow_approximate: apply conv-conv merges that are exact only away from the border ring
         (first kernel > 1 and second padding > 0); each is listed in the report.
     force: merge even where the cost model (MACs and parameters) says the result is more expensive.
+    allow_bias_map: allow exact merges that need an input-independent bias map (a 1x1 conv followed by a
+        padded conv); the map fixes the model to the captured resolution. Off under dynamic shapes.
     max_kernel_size: largest merged kernel side; bounds the growth k1 + (k2 - 1) * s1 of merged chains.
     tolerance: largest relative output change (max |delta| / max |ref|) an exact rewrite may cause
         before it is rolled back.
@@ -20,6 +22,7 @@ class CompressConfig:
 
     allow_approximate: bool = False
     force: bool = False
+    allow_bias_map: bool = True
     max_kernel_size: int = 7
     tolerance: float = 1e-4
 

@@ -7,7 +7,6 @@ from collections import Counter
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import meta
 from .ops import bind, op_name
@@ -49,12 +48,19 @@ def tensor_shape(node) -> torch.Size | None:
     return node.meta.get(meta.SHAPE) if isinstance(node, fx.Node) else None
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs on real tensors (ShapeProp would switch to fake ones inside a dynamo backend)."""
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        node.meta[meta.SHAPE] = result.shape if isinstance(result, torch.Tensor) else None
+        return result
+
+
+@torch.no_grad()
 def annotate_shapes(gm: fx.GraphModule, inputs) -> None:
     """Replay the graph on `inputs` and store every tensor output's shape under `meta.SHAPE`."""
-    ShapeProp(gm).propagate(*inputs)
-    for node in gm.graph.nodes:
-        tensor_meta = node.meta.get("tensor_meta")
-        node.meta[meta.SHAPE] = getattr(tensor_meta, "shape", None)
+    _ShapeRecorder(gm).run(*inputs)
 
 
 def module_path(node: fx.Node) -> str:

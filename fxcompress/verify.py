@@ -7,11 +7,12 @@ from torch.utils import _pytree as pytree
 
 
 def sample_inputs(example_inputs) -> list[tuple]:
-    """The caller's example inputs plus a seeded random variant of their floating-point tensors."""
+    """The caller's example inputs plus a seeded random variant of their floating-point tensors
+    (scalars stay: dynamo passes options such as a dropout probability as 0-d tensors)."""
     generator = torch.Generator().manual_seed(0)
 
     def randomise(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1:
             noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
             return (value.float().std().clamp(min=1e-3) * noise + value.float().mean()).to(value.dtype)
         return value

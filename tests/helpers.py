@@ -1,11 +1,13 @@
 """Shared test helpers: real models with randomised BatchNorm, both capture methods, error measure."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 
 import fxcompress
-from fxcompress.backend import bake_weights, weight_placeholders
+from fxcompress.backend import bake_weights, scalar_placeholders, weight_placeholders
 from fxcompress.capture import capture
 from fxcompress.graph import annotate_names
 from fxcompress.pipeline import activation_names
@@ -52,9 +54,9 @@ def dynamo_graph(model: torch.nn.Module, inputs: tuple):
     torch.compile(model, backend=grab, fullgraph=True)(*inputs)
     torch._dynamo.reset()
     gm, example_inputs = captured["gm"], captured["inputs"]
-    indices = weight_placeholders(gm, example_inputs)
-    runtime = [value for i, value in enumerate(example_inputs) if i not in indices]
-    return bake_weights(gm, example_inputs, indices), runtime
+    weights, scalars = weight_placeholders(gm, example_inputs), scalar_placeholders(gm, example_inputs)
+    runtime = [value for i, value in enumerate(example_inputs) if i not in weights + scalars]
+    return bake_weights(gm, example_inputs, weights, scalars), runtime
 
 
 def export_graph(model: torch.nn.Module, inputs: tuple):
@@ -87,3 +89,13 @@ def assert_state_unchanged(before: dict, model: torch.nn.Module) -> None:
         new_tensor, new_version = after["tensors"][name]
         assert torch.equal(tensor, new_tensor), f"{name} changed"
         assert version == new_version, f"{name} was written in place"
+
+
+def linearized_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network with every ReLU/ReLU6 module replaced by identity, built without fxcompress."""
+    reference = copy.deepcopy(model)
+    for module in list(reference.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (torch.nn.ReLU, torch.nn.ReLU6)):
+                setattr(module, child_name, torch.nn.Identity())
+    return reference

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from helpers import all_activations, relative_error, torchvision_model
+from helpers import all_activations, linearized_reference, relative_error, torchvision_model
 
 
 def small_net():
@@ -85,3 +85,18 @@ def test_wrong_options_are_named(options, message):
     with pytest.raises(Exception) as info:
         compiled(x)
     assert message in str(info.value)
+
+
+def test_dynamic_shapes_fold_and_refuse_resolution_bound_merges():
+    model = torchvision_model("mobilenet_v2")
+    plan = all_activations(model, (torch.randn(1, 3, 32, 32),))
+    reports = []
+    compiled = torch.compile(model, backend="depthprune", dynamic=True,
+                             options={"lowering": "eager", "plan": plan, "force": True, "on_report": reports.append})
+    reference = linearized_reference(model)
+    with torch.no_grad():
+        for shape in [(2, 3, 32, 32), (3, 3, 48, 48)]:
+            x = torch.randn(*shape)
+            assert relative_error(reference(x), compiled(x)) <= 1e-5
+    assert len([r for r in reports[0].rewrites if r.pass_name == "fold_batchnorm"]) == 52
+    assert any("allow_bias_map is off" in skip.reason for skip in reports[0].skips)

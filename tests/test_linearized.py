@@ -1,25 +1,10 @@
 """Fully linearised real networks merge down to the fewest weight layers the merge rules allow."""
-import copy
-
 import pytest
 import torch
 import torchvision
 
 import fxcompress
-from helpers import all_activations, relative_error, torchvision_model
-
-ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6)
-
-
-def linearized_reference(model: torch.nn.Module) -> torch.nn.Module:
-    """The same network with every activation module replaced by identity, built without fxcompress."""
-    reference = copy.deepcopy(model)
-    for name, module in list(reference.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, ACTIVATIONS):
-                setattr(module, child_name, torch.nn.Identity())
-    return reference
-
+from helpers import all_activations, linearized_reference, relative_error, torchvision_model
 
 @pytest.fixture(scope="module")
 def example():

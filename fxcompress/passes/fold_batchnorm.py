@@ -30,8 +30,10 @@ def _statistics(gm: fx.GraphModule, bn: OpCall) -> dict | NoMatch:
 
 
 def _match(gm: fx.GraphModule, bn: OpCall):
-    if bn["training"]:
+    if bn["training"] is not False:
         return NoMatch("batch_norm in training mode")
+    if not isinstance(bn["eps"], (int, float)):
+        return NoMatch("batch_norm eps is not a constant")
     producer = bind(bn["input"]) if isinstance(bn["input"], fx.Node) else None
     if producer is None or producer.kind not in ("conv", "linear"):
         return NoMatch("input is not a conv or linear")

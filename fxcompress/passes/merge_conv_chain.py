@@ -38,6 +38,9 @@ def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
             if max(result.kernel_size) > config.max_kernel_size:
                 refusals[j] = f"merged kernel {result.kernel_size} exceeds max_kernel_size"
                 return None
+            if result.bias_map is not None and not config.allow_bias_map:
+                refusals[j] = "merge needs a bias map for one resolution (allow_bias_map is off)"
+                return None
             if not exact and not config.allow_approximate:
                 refusals[j] = "merge would be approximate on the border ring (allow_approximate is off)"
                 return None
