@@ -13,6 +13,8 @@ setup(
         "vision": ["torchvision"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "tensorrt": ["torch-tensorrt"],
+        "criteria": ["pot", "tqdm"],
+        "tokens": ["timm", "transformers"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
     },
     entry_points={

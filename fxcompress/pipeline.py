@@ -18,7 +18,7 @@ from .context import PassContext
 from .errors import PassError, PlanError
 from .graph import annotate_names, annotate_shapes, remove_unused_constants, stable_name
 from .ops import bind
-from .passes import EXACT_PIPELINE, PASSES
+from .passes import EXACT_PIPELINE, PASSES, PLAN_PASSES
 from .plan import Plan
 from .report import Check, Metrics, Report
 from .verify import outputs, relative_error, sample_inputs
@@ -36,14 +36,19 @@ def activation_names(gm: fx.GraphModule) -> list[str]:
     return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == "activation"]
 
 
+# For each plan action, the stable names in a graph that it may target.
+PLAN_TARGETS = {"linearize": activation_names}
+
+
 def check_plan(gm: fx.GraphModule, plan: Plan) -> None:
-    known = set(activation_names(gm))
-    missing = [target for target in plan.targets("linearize") if target not in known]
-    if missing:
-        hint = ", ".join(sorted(known)[:5]) or "none"
-        origin = f" (plan made for {plan.model})" if plan.model else ""
-        raise PlanError(f"plan names {len(missing)} activation(s) absent from this graph{origin}: "
-                        f"{', '.join(missing[:5])}; activations here look like: {hint}")
+    for action, candidates in PLAN_TARGETS.items():
+        known = set(candidates(gm))
+        missing = [target for target in plan.targets(action) if target not in known]
+        if missing:
+            hint = ", ".join(sorted(known)[:5]) or "none"
+            origin = f" (plan made for {plan.model})" if plan.model else ""
+            raise PlanError(f"plan names {len(missing)} {action} target(s) absent from this graph{origin}: "
+                            f"{', '.join(missing[:5])}; valid targets here look like: {hint}")
 
 
 def _apply(name: str, gm: fx.GraphModule, ctx: PassContext, inputs) -> bool:
@@ -116,8 +121,9 @@ class Pipeline:
         return relative_error(self.state.reference, outputs(gm, self.samples)) > self.config.tolerance
 
     def run(self) -> tuple[fx.GraphModule, Report]:
-        if self.plan.decisions:
-            self.run_pass("linearize", verify=False)
+        for action, pass_name in PLAN_PASSES.items():
+            if self.plan.targets(action):
+                self.run_pass(pass_name, verify=False)
         for _ in range(MAX_ROUNDS):
             self.skips = []
             changed = [self.run_pass(name) for name in EXACT_PIPELINE]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,10 +116,12 @@ class Report:
         for check in self.rollbacks:
             lines.append(f"  rolled back: {check.pass_name} at {check.rolled_back} "
                          f"(relative error {check.relative_error:.2e})")
-        if self.skips:
-            lines.append(f"skipped: {len(self.skips)} candidate rewrites (reasons in the JSON report)")
+        reasons = Counter(f"{skip.pass_name}: {skip.reason}" for skip in self.skips)
+        if reasons:
+            lines.append(f"not rewritten: {len(self.skips)} candidates")
+            lines += [f"  {count} x {reason}" for reason, count in reasons.most_common(5)]
         worst = max((check.relative_error for check in self.checks if not check.rolled_back), default=0.0)
         lines.append(f"largest relative output change after a pass: {worst:.2e}")
-        for name, value in self.latency.items():
-            lines.append(f"latency {name}: {value}")
+        if self.latency:
+            lines.append("latency: " + ", ".join(f"{key} {value}" for key, value in self.latency.items()))
         return "\n".join(lines)

@@ -10,6 +10,9 @@ from .merge_linear_chain import merge_linear_chain
 PASSES = {fn.__name__: fn for fn in (linearize, cleanup, fold_batchnorm, merge_linear_chain,
                                      merge_conv_chain, absorb_residual)}
 
+# Plan actions and the pass that applies each; they run first, in this order, and change outputs by design.
+PLAN_PASSES = {"linearize": "linearize"}
+
 # Exact passes, repeated in this order until none changes the graph: absorbing a shortcut can turn a
 # fan-out into a chain that merges further.
 EXACT_PIPELINE = ("cleanup", "fold_batchnorm", "merge_linear_chain", "merge_conv_chain", "absorb_residual")
