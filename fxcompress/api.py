@@ -9,7 +9,8 @@ from torch import fx
 from .capture import capture, check_inputs
 from .config import CompressConfig
 from .errors import OptionError
-from .pipeline import compress_graph
+from .graph import annotate_names
+from .pipeline import activation_names as graph_activation_names, compress_graph
 from .plan import Plan
 from .report import Report
 
@@ -37,3 +38,11 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
         gm = capture(model, example_inputs)
         gm, report = compress_graph(gm, example_inputs, config, plan)
     return CompressResult(gm, plan, report)
+
+
+def activation_names(model: torch.nn.Module, example_inputs) -> list[str]:
+    """Stable names of the model's activations in graph order: the targets a `linearize` plan takes."""
+    with torch.no_grad():
+        gm = capture(model, example_inputs)
+    annotate_names(gm)
+    return graph_activation_names(gm)

@@ -1,31 +1,62 @@
-"""The `fxcompress` command. Without arguments it runs the main job on the pretrained MobileNetV2:
-capture, exact passes, report, and CPU latency of original vs compressed on the same lowering."""
+"""The `fxcompress` command for deployment build steps.
+
+  fxcompress demo       compress the pretrained MobileNetV2 with the exact passes and time it (default)
+  fxcompress compress   compress a model and write the artifact (.pt2, .onnx or TensorRT), plan and report
+  fxcompress bench      time original vs compressed on chosen lowerings and batch sizes
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from .api import compress
+from .api import activation_names, compress
 from .backends import LOWERINGS, lower_module
+from .backends.onnxruntime import export_onnx
+from .backends.tensorrt import save_engine
 from .errors import FxCompressError
-from .measure import measure_latency
-from .models import pretrained_mobilenet_v2, torchvision_model
+from .measure import measure
+from .models import load_model
+from .plan import Plan
+
+
+def _example(args) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(args.batch, 3, args.size, args.size, generator=generator),)
+
+
+def _plan(args, model, example) -> Plan:
+    if args.plan:
+        return Plan.load(args.plan)
+    if args.linearize_fraction:
+        names = activation_names(model, example)
+        count = round(args.linearize_fraction * len(names))
+        return Plan.linearize(names[len(names) - count:], model=args.model)
+    return Plan()
+
+
+def _compress(args, model, example):
+    return compress(model, example, plan=_plan(args, model, example), force=args.force,
+                    allow_approximate=args.allow_approximate)
+
+
+def _latency_summary(timing: dict) -> dict:
+    original, compressed = (timing["results"][k]["median_ms"] for k in ("original", "compressed"))
+    return {"lowering": timing["lowering"], "batch": timing["batch"], "original_ms": round(original, 3),
+            "compressed_ms": round(compressed, 3), "ratio": round(compressed / original, 3),
+            "threads": timing["machine"]["threads"]}
 
 
 def demo(args) -> int:
-    model = pretrained_mobilenet_v2() if args.model == "pretrained_mobilenet_v2" else torchvision_model(args.model)
-    example = (torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)),)
-    result = compress(model, example)
-    latency = measure_latency({"original": lower_module(model, args.lowering),
-                               "compressed": lower_module(result.module, args.lowering)}, example,
-                              repeats=args.repeats)
-    original, compressed = (latency["results"][k]["median_ms"] for k in ("original", "compressed"))
-    result.report.latency = {"lowering": args.lowering, "batch": args.batch, "original_ms": round(original, 3),
-                             "compressed_ms": round(compressed, 3), "ratio": round(compressed / original, 3),
-                             "threads": latency["threads"]}
+    model = load_model(args.model)
+    example = _example(args)
+    result = _compress(args, model, example)
+    timing = measure({"original": model, "compressed": result.module}, example, lowering=args.lowering,
+                     repeats=args.repeats)
+    result.report.latency = _latency_summary(timing)
     print(f"model: {args.model}, input {tuple(example[0].shape)}")
     print(result.report)
     if args.report:
@@ -34,18 +65,103 @@ def demo(args) -> int:
     return 0
 
 
+def write_artifact(module, example, backend: str, out: Path, precision: str) -> Path:
+    if backend == "onnxruntime":
+        return export_onnx(module, example, out / "model.onnx")
+    if backend == "tensorrt":
+        path = out / "model_trt.ep"
+        save_engine(lower_module(module, example, "tensorrt", precision=precision), example, path)
+        return path
+    path = out / "model.pt2"
+    torch.export.save(torch.export.export(module, example), path)
+    return path
+
+
+def compress_command(args) -> int:
+    model = load_model(args.model)
+    example = _example(args)
+    result = _compress(args, model, example)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = write_artifact(result.module, example, args.backend, out, args.precision)
+    result.plan.save(out / "plan.json")
+    result.report.save(out / "report.json")
+    print(result.report)
+    print(f"\nwrote {artifact}, {out / 'plan.json'}, {out / 'report.json'}")
+    return 0
+
+
+def bench_command(args) -> int:
+    model = load_model(args.model)
+    rows = []
+    for batch in args.batch_sizes:
+        args.batch = batch
+        example = _example(args)
+        result = _compress(args, model, example)
+        for lowering in args.backends:
+            timing = measure({"original": model, "compressed": result.module}, example, lowering=lowering,
+                             repeats=args.repeats)
+            rows.append({"model": args.model, **_latency_summary(timing),
+                         "macs_ratio": round(result.report.after.macs / result.report.before.macs, 3)})
+            print(f"{args.model:20} {lowering:12} batch {batch:3}  original {rows[-1]['original_ms']:9.2f} ms  "
+                  f"compressed {rows[-1]['compressed_ms']:9.2f} ms  ratio {rows[-1]['ratio']:.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    return [int(b) for b in text.split(",")]
+
+
+def _lowerings(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in LOWERINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; valid: {', '.join(LOWERINGS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxcompress", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fxcompress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
-    run = commands.add_parser("demo", help="compress a model with the exact passes and time it (default)")
-    run.add_argument("--model", default="pretrained_mobilenet_v2",
-                     help="pretrained_mobilenet_v2 (default) or a torchvision model name (random weights)")
-    run.add_argument("--batch", type=int, default=1)
-    run.add_argument("--size", type=int, default=224, help="input resolution")
-    run.add_argument("--lowering", choices=sorted(LOWERINGS), default="eager")
-    run.add_argument("--repeats", type=int, default=20)
-    run.add_argument("--report", help="also write the report as JSON to this path")
-    run.set_defaults(handler=demo)
+
+    def command(name, handler, help_text, default_model):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("model", nargs="?", default=default_model,
+                         help="pretrained_mobilenet_v2, a torchvision model name (random weights), "
+                              "package.module:factory, or a saved ExportedProgram (.pt2)")
+        sub.add_argument("--size", type=int, default=224, help="input resolution (inputs are N x 3 x S x S)")
+        sub.add_argument("--plan", help="a plan JSON file to apply")
+        sub.add_argument("--linearize-fraction", type=float, default=0.0,
+                         help="linearise the deepest fraction of activations (a latency study, not accuracy)")
+        sub.add_argument("--force", action="store_true", help="merge even where MACs would grow")
+        sub.add_argument("--allow-approximate", action="store_true", help="allow border-approximate conv merges")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo_parser = command("demo", demo, "compress a model with the exact passes and time it (default)",
+                          "pretrained_mobilenet_v2")
+    demo_parser.add_argument("--batch", type=int, default=1)
+    demo_parser.add_argument("--lowering", choices=list(LOWERINGS), default="eager")
+    demo_parser.add_argument("--repeats", type=int, default=20)
+    demo_parser.add_argument("--report", help="also write the report as JSON to this path")
+
+    compress_parser = command("compress", compress_command, "compress a model and write artifact, plan, report",
+                              None)
+    compress_parser.add_argument("--batch", type=int, default=1)
+    compress_parser.add_argument("--backend", choices=list(LOWERINGS), default="eager",
+                                 help="artifact: .pt2 (eager, inductor), .onnx (onnxruntime), TensorRT")
+    compress_parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                                 help="TensorRT engine precision")
+    compress_parser.add_argument("--out", default="fxcompress-out", help="output folder")
+
+    bench_parser = command("bench", bench_command, "time original vs compressed", None)
+    bench_parser.add_argument("--backends", type=_lowerings, default=["eager"], help="comma-separated lowerings")
+    bench_parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated")
+    bench_parser.add_argument("--repeats", type=int, default=20)
+    bench_parser.add_argument("--json", help="write the rows as JSON to this path")
     return parser
 
 
@@ -53,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv or ["demo"])
+    if args.model is None:
+        parser.error(f"{args.command}: a model is required")
     try:
         return args.handler(args)
     except FxCompressError as error:

@@ -1,7 +1,9 @@
 """Real models that install offline: torchvision architectures and the pretrained MobileNetV2."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -40,3 +42,34 @@ def torchvision_model(name: str) -> torch.nn.Module:
     if name not in available:
         raise OptionError(f"unknown torchvision model {name!r}; e.g. {', '.join(sorted(available)[:8])}, ...")
     return models.get_model(name).eval()
+
+
+def load_model(reference: str):
+    """A model from a command-line reference: `pretrained_mobilenet_v2`, `package.module:factory`, a saved
+    ExportedProgram (`.pt2`), or a torchvision model name."""
+    if reference == "pretrained_mobilenet_v2":
+        return pretrained_mobilenet_v2()
+    if reference.endswith(".pt2"):
+        if not Path(reference).is_file():
+            raise OptionError(f"no saved ExportedProgram at {reference}")
+        return torch.export.load(reference)
+    if ":" in reference:
+        return _from_factory(reference)
+    return torchvision_model(reference)
+
+
+def _from_factory(reference: str) -> torch.nn.Module:
+    module_name, _, factory_name = reference.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OptionError(f"cannot import {module_name!r} from model reference {reference!r}: {error}") from error
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise OptionError(f"{module_name!r} has no callable {factory_name!r} (model reference {reference!r})")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()

@@ -1,16 +1,22 @@
-"""Lowerings: turn a graph or module into what runs. Each has two entries: `graph` for a flat FX graph
-handed over by dynamo (inside the depthprune backend), `module` for a whole model (CLI, benchmarks)."""
-from ..errors import valid_choice
-from . import eager, inductor
+"""Lowerings: turn a model into what runs on a deployment backend. Optional dependencies (onnxruntime,
+torch-tensorrt) are imported only when their lowering is asked for.
 
-LOWERINGS = {"eager": eager, "inductor": inductor}
+Each lowering module has `module(model, example_inputs)` for a whole model (API, CLI, benchmarks);
+those in GRAPH_LOWERINGS also have `graph(gm, example_inputs)` for the flat graph dynamo hands the
+depthprune backend.
+"""
+from ..errors import valid_choice
+from . import eager, inductor, onnxruntime, tensorrt
+
+LOWERINGS = {"eager": eager, "inductor": inductor, "onnxruntime": onnxruntime, "tensorrt": tensorrt}
+GRAPH_LOWERINGS = ("eager", "inductor")
 
 
 def lower_graph(gm, example_inputs, lowering: str):
-    valid_choice("lowering", lowering, LOWERINGS)
+    valid_choice("lowering inside torch.compile", lowering, GRAPH_LOWERINGS)
     return LOWERINGS[lowering].graph(gm, example_inputs)
 
 
-def lower_module(module, lowering: str):
+def lower_module(model, example_inputs, lowering: str, **options):
     valid_choice("lowering", lowering, LOWERINGS)
-    return LOWERINGS[lowering].module(module)
+    return LOWERINGS[lowering].module(model, example_inputs, **options)

@@ -1,0 +1,57 @@
+"""ONNX export (torch.onnx's dynamo exporter), `onnx.checker`, and an ONNX Runtime session (CUDA provider
+where present and asked for, CPU otherwise) wrapped to take and return torch tensors."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import MissingDependencyError
+
+
+def _require():
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as error:
+        raise MissingDependencyError(f"the onnxruntime lowering needs {error.name}: "
+                                     "pip install 'fxcompress[onnx]'") from error
+    return onnx, onnxruntime
+
+
+def export_onnx(model, example_inputs, path: str | Path) -> Path:
+    """Write `model` as a self-contained .onnx file (weights inside) and check it."""
+    onnx, _ = _require()
+    path = Path(path)
+    torch.onnx.export(model, tuple(example_inputs), str(path), dynamo=True, external_data=False,
+                      verbose=False)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+class OnnxRuntimeModule:
+    """Runs an exported model in ONNX Runtime, with torch tensors in and out."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        _, ort = _require()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs):
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(array) for array in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def module(model, example_inputs, path: str | Path | None = None, device: str = "cpu"):
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="fxcompress-")) / "model.onnx"
+    return OnnxRuntimeModule(export_onnx(model, example_inputs, path), device)
