@@ -4,8 +4,12 @@ from .measure import measure
 from .capture import capture
 from .config import CompressConfig
 from .errors import CaptureError, FxCompressError, MissingDependencyError, OptionError, PassError, PlanError
+from .criteria import block_distance
 from .plan import Decision, Plan
+from .planner import PlanResult, find_plan
 from .report import Metrics, Report
+from .tokens import TokenConfig, reduce_tokens
 
 __all__ = ["compress", "activation_names", "measure", "capture", "CompressResult", "CompressConfig", "Plan", "Decision", "Report", "Metrics",
+           "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance",
            "FxCompressError", "CaptureError", "OptionError", "PlanError", "PassError", "MissingDependencyError"]

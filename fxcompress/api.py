@@ -12,7 +12,9 @@ from .errors import OptionError
 from .graph import annotate_names
 from .pipeline import activation_names as graph_activation_names, compress_graph
 from .plan import Plan
+from .planner import PLANNER_OPTIONS, find_plan
 from .report import Report
+from .tokens import TokenConfig, reduce_tokens
 
 
 @dataclass
@@ -23,17 +25,33 @@ class CompressResult:
 
 
 def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict | None = None,
-             config: CompressConfig | None = None, **options) -> CompressResult:
+             config: CompressConfig | None = None, tokens: TokenConfig | dict | None = None,
+             criterion: str | None = None, calibration=None, max_error: float = 0.01, planner: dict | None = None,
+             **options) -> CompressResult:
     """Capture `model`, apply `plan` (activations to linearise), then every exact merge the cost model allows.
 
     Options are the fields of `CompressConfig` (allow_approximate, force, max_kernel_size, tolerance).
-    The caller's model is never modified.
+    `tokens` (a `TokenConfig` or its fields as a dict) first reduces a ViT's tokens on a copy of the model
+    (`reduce_tokens`), which is then captured. `criterion` ("bn", "entropy", "ot") finds the plan instead
+    (`planner.find_plan` with `calibration`, `max_error` and the `planner` keywords: the budget activations,
+    macs_ratio or max_drop + evaluator, and aggregate); the plan found is returned. The caller's model is
+    never modified.
     """
     if config is not None and options:
         raise OptionError("pass either config or keyword options, not both")
     config = config or CompressConfig.from_options(options)
     example_inputs = check_inputs(model, example_inputs)
     plan = Plan.load(plan)
+    if criterion is not None:
+        if plan.decisions:
+            raise OptionError("pass either plan or criterion, not both")
+        unknown = sorted(set(planner or {}) - set(PLANNER_OPTIONS))
+        if unknown:
+            raise OptionError(f"unknown planner option(s) {', '.join(unknown)}; valid: {', '.join(PLANNER_OPTIONS)}")
+        plan = find_plan(model, example_inputs, criterion=criterion, calibration=calibration, max_error=max_error,
+                         config=config, **(planner or {})).plan
+    if tokens is not None:
+        model = reduce_tokens(model, tokens)
     with torch.no_grad():
         gm = capture(model, example_inputs)
         gm, report = compress_graph(gm, example_inputs, config, plan)

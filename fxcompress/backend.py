@@ -15,24 +15,39 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import fx
 
-from .backends import LOWERINGS, lower_graph
+from .backends import GRAPH_LOWERINGS, lower_graph
 from .config import CompressConfig
 from .errors import OptionError, valid_choice
-from .graph import is_guard
+from .graph import annotate_names, annotate_shapes, is_guard
 from .ops import bind
 from .pipeline import compress_graph
 from .plan import Plan
+from .planner import plan_graph
+from .tokens.config import TokenConfig
+from .tokens.graph import token_plan
 
-BACKEND_OPTIONS = {"lowering", "plan", "on_report"}
+BACKEND_OPTIONS = {"lowering", "plan", "on_report", "tokens", "criterion", "max_error"}
+DATA_FREE_CRITERIA = ("bn",)
 WEIGHT_PARAMS = {"weight", "bias", "running_mean", "running_var", "bias_map"}
 CACHE_SIZE = 4
 
 
-def parse_options(options: dict | None) -> tuple[str, Plan, CompressConfig, object]:
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    lowering: str
+    plan: Plan
+    config: CompressConfig
+    on_report: Callable | None
+    tokens: TokenConfig | None
+    max_error: float | None  # of the data-free BatchNorm criterion, None when not asked for
+
+
+def parse_options(options: dict | None) -> BackendOptions:
     options = dict(options or {})
     valid = BACKEND_OPTIONS | CompressConfig.option_names()
     unknown = sorted(set(options) - valid)
@@ -40,12 +55,32 @@ def parse_options(options: dict | None) -> tuple[str, Plan, CompressConfig, obje
         raise OptionError(f"unknown depthprune option(s) {', '.join(map(repr, unknown))}; "
                           f"valid: {', '.join(sorted(valid))}")
     lowering = options.pop("lowering", "inductor")
-    valid_choice("lowering", lowering, LOWERINGS)
+    valid_choice("lowering", lowering, GRAPH_LOWERINGS)
     plan = Plan.load(options.pop("plan", None))
     on_report = options.pop("on_report", None)
     if on_report is not None and not callable(on_report):
         raise OptionError("depthprune option 'on_report' must be callable (it receives each Report)")
-    return lowering, plan, CompressConfig.from_options(options), on_report
+    tokens = options.pop("tokens", None)
+    tokens = TokenConfig.from_options(tokens) if tokens is not None else None
+    max_error = _criterion(options.pop("criterion", None), options.pop("max_error", None), plan)
+    return BackendOptions(lowering, plan, CompressConfig.from_options(options), on_report, tokens, max_error)
+
+
+def _criterion(criterion, max_error, plan: Plan) -> float | None:
+    if criterion is None:
+        if max_error is not None:
+            raise OptionError("depthprune option 'max_error' needs criterion='bn'")
+        return None
+    if criterion not in DATA_FREE_CRITERIA:
+        raise OptionError(f"depthprune criterion {criterion!r} is not data-free; valid: "
+                          f"{', '.join(DATA_FREE_CRITERIA)} (for entropy or ot, run fxcompress.find_plan with "
+                          "calibration data and pass its plan)")
+    if plan.decisions:
+        raise OptionError("give depthprune either a plan or a criterion, not both")
+    max_error = 0.01 if max_error is None else max_error
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not 0 <= max_error < 1:
+        raise OptionError(f"depthprune option 'max_error' must be a number in [0, 1), got {max_error!r}")
+    return float(max_error)
 
 
 def weight_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
@@ -77,6 +112,8 @@ def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
     call = bind(user)
     if call is None or call.kind not in ("conv", "linear", "batch_norm"):
         return False
+    if call.kind == "batch_norm" and call["training"] is not False:
+        return False  # training mode updates the running statistics in place: they must stay the caller's
     return any(arg is value for name, arg in call.args.items() if name in WEIGHT_PARAMS) and \
         call.args.get("input") is not value
 
@@ -108,7 +145,7 @@ class DepthPruneCompiled:
     """The callable dynamo runs: checks the weights it baked, then calls the compiled graph."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs, options: dict | None):
-        self.lowering, self.plan, self.config, self.on_report = parse_options(options)
+        self.options = parse_options(options)
         self.graph = gm
         self.weight_indices = weight_placeholders(gm, example_inputs)
         self.scalar_indices = scalar_placeholders(gm, example_inputs)
@@ -124,19 +161,39 @@ class DepthPruneCompiled:
     def _compile(self, args):
         baked = bake_weights(self.graph, args, self.weight_indices, self.scalar_indices)
         runtime_args = [args[i] for i in self.runtime_indices]
-        config = self.config
+        config = self.options.config
         if any(not isinstance(arg, torch.Tensor) for arg in runtime_args):  # sizes passed: dynamic shapes
             config = dataclasses.replace(config, allow_bias_map=False)
         with torch.no_grad():
-            compressed, report = compress_graph(baked, runtime_args, config, self.plan)
-        if self.on_report is not None:
-            self.on_report(report)
-        compiled = lower_graph(compressed, runtime_args, self.lowering)
+            compressed, report = compress_graph(baked, runtime_args, config, self._criterion_plan(
+                baked, runtime_args, self._plan(baked, runtime_args)))
+        if self.options.on_report is not None:
+            self.options.on_report(report)
+        compiled = lower_graph(compressed, runtime_args, self.options.lowering)
         refs = [weakref.ref(args[i]) for i in self.weight_indices]
         self.cache[self._key(args)] = (refs, compiled)
         while len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
         return compiled
+
+    def _plan(self, baked: fx.GraphModule, runtime_args) -> Plan:
+        """The given plan plus the token reductions asked for, placed on this graph's encoder layers."""
+        tokens, plan = self.options.tokens, self.options.plan
+        if tokens is None or tokens.is_identity:
+            return plan
+        annotate_names(baked)
+        annotate_shapes(baked, runtime_args)
+        return Plan(plan.decisions + token_plan(baked, tokens).decisions, plan.model)
+
+    def _criterion_plan(self, baked: fx.GraphModule, runtime_args, plan: Plan) -> Plan:
+        """`plan` plus the decisions of the data-free BatchNorm criterion (TLC), if asked for."""
+        if self.options.max_error is None:
+            return plan
+        annotate_names(baked)
+        annotate_shapes(baked, runtime_args)
+        found = plan_graph(baked, runtime_args, criterion="bn", max_error=self.options.max_error,
+                           config=self.options.config)
+        return Plan(plan.decisions + found.plan.decisions, plan.model)
 
     def __call__(self, *args):
         entry = self.cache.get(self._key(args))

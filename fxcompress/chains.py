@@ -22,15 +22,15 @@ class Segment(Generic[Spec]):
 
 
 def segment_chain(specs: Sequence[Spec], compose: Callable[[Spec, Spec, int], tuple[Spec, bool] | None],
-                  cost: Callable[[Spec, int], tuple[int, int]], force: bool) -> list[Segment[Spec]]:
+                  cost: Callable[[Spec, int, int], tuple[float, int]], force: bool) -> list[Segment[Spec]]:
     """Best segmentation of `specs`.
 
     compose(a, b, j) merges spec a (covering specs[..j-1]) with specs[j], returning (merged, exact) or None.
-    cost(spec, j) is (MACs, params) of a spec whose output is that of specs[j].
-    Without `force`, a merged segment must cost no more MACs and no more parameters than its parts.
+    cost(spec, start, end) is (cost, params) of a spec that maps the input of specs[start] to the output of
+    specs[end]. Without `force`, a merged segment must cost no more and have no more parameters than its parts.
     """
     n = len(specs)
-    unit_costs = [cost(spec, j) for j, spec in enumerate(specs)]
+    unit_costs = [cost(spec, j, j) for j, spec in enumerate(specs)]
     candidates: dict[tuple[int, int], Segment] = {}
     for start in range(n):
         candidates[start, start + 1] = Segment(start, start + 1, specs[start], True)
@@ -40,17 +40,17 @@ def segment_chain(specs: Sequence[Spec], compose: Callable[[Spec, Spec, int], tu
             if step is None:
                 break
             merged, exact = step[0], exact and step[1]
-            macs, params = cost(merged, j)
+            value, params = cost(merged, start, j)
             parts = unit_costs[start:j + 1]
-            cheaper = macs <= sum(c[0] for c in parts) and params <= sum(c[1] for c in parts)
+            cheaper = value <= sum(c[0] for c in parts) and params <= sum(c[1] for c in parts)
             if force or cheaper:
                 candidates[start, j + 1] = Segment(start, j + 1, merged, exact)
 
-    def key(segment: Segment) -> tuple[int, int]:
-        macs = cost(segment.spec, segment.stop - 1)[0]
-        return (1, macs) if force else (macs, 1)
+    def key(segment: Segment) -> tuple[float, int]:
+        value = cost(segment.spec, segment.start, segment.stop - 1)[0]
+        return (1, value) if force else (value, 1)
 
-    best: list[tuple[tuple[int, int], list[Segment]]] = [((0, 0), [])]
+    best: list[tuple[tuple[float, int], list[Segment]]] = [((0, 0), [])]
     for stop in range(1, n + 1):
         options = []
         for start in range(stop):

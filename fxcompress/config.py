@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .errors import OptionError
+from .errors import OptionError, valid_choice
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,10 @@ class CompressConfig:
     allow_bias_map: allow exact merges that need an input-independent bias map (a 1x1 conv followed by a
         padded conv); the map fixes the model to the captured resolution. Off under dynamic shapes.
     max_kernel_size: largest merged kernel side; bounds the growth k1 + (k2 - 1) * s1 of merged chains.
+    cost_model: what a merge must not increase besides parameters: "macs", or "latency" measured per op on
+        `latency_lowering` ("eager", "inductor", "onnxruntime").
     tolerance: largest relative output change (max |delta| / max |ref|) an exact rewrite may cause
-        before it is rolled back.
+        before it is rolled back; at least 8 machine epsilons for float16 and bfloat16 graphs.
     """
 
     allow_approximate: bool = False
@@ -25,15 +27,19 @@ class CompressConfig:
     allow_bias_map: bool = True
     max_kernel_size: int = 7
     tolerance: float = 1e-4
+    cost_model: str = "macs"
+    latency_lowering: str = "eager"
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            expected = {"bool": bool, "int": int, "float": (int, float)}[field.type]
+            expected = {"bool": bool, "int": int, "float": (int, float), "str": str}[field.type]
             if not isinstance(value, expected) or (field.type != "bool" and isinstance(value, bool)):
                 raise OptionError(f"option {field.name!r} must be {field.type}, got {value!r}")
         if self.max_kernel_size < 1:
             raise OptionError(f"option 'max_kernel_size' must be >= 1, got {self.max_kernel_size}")
+        valid_choice("cost_model", self.cost_model, ("macs", "latency"))
+        valid_choice("latency_lowering", self.latency_lowering, ("eager", "inductor", "onnxruntime"))
         if not 0 < self.tolerance < 1:
             raise OptionError(f"option 'tolerance' must be in (0, 1), got {self.tolerance}")
 

@@ -2,10 +2,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
 
 from .config import CompressConfig
+from .cost import CostModel
+from .errors import OptionError
 from .plan import Plan
 from .report import Rewrite, Skip
+
+
+class Calibration:
+    """Calibration batches for the analysis passes, streamed one at a time.
+
+    Each batch is a tensor or a tuple whose first elements are the graph's inputs (a DataLoader's
+    (images, labels) works: extra elements are dropped). A list or DataLoader can be read by several
+    passes; a one-shot iterator (a generator) only once.
+    """
+
+    def __init__(self, batches: Iterable, progress: bool = False):
+        if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+            raise OptionError("calibration must be an iterable of batches (a list or DataLoader), "
+                              f"got {type(batches).__name__}")
+        self.batches, self.progress, self._used = batches, progress, False
+
+    def inputs(self, count: int, description: str = "") -> Iterator[tuple]:
+        """Each batch as a tuple of `count` graph inputs, with a progress bar if asked for."""
+        if self._used and iter(self.batches) is self.batches:
+            raise OptionError("calibration data was a one-shot iterator and is used up; pass a list or DataLoader")
+        self._used = True
+        batches = self.batches
+        if self.progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, desc=description, leave=False)
+        empty = True
+        for batch in batches:
+            batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+            if len(batch) < count:
+                raise OptionError(f"a calibration batch holds {len(batch)} tensors; the graph takes {count} inputs")
+            empty = False
+            yield batch[:count]
+        if empty:
+            raise OptionError(f"calibration data is empty: {description or 'the analysis'} needs at least one batch")
 
 
 @dataclass
@@ -13,10 +52,17 @@ class PassContext:
     config: CompressConfig
     pass_name: str = ""
     plan: Plan = field(default_factory=Plan)
+    cost: CostModel = field(default_factory=CostModel)
     excluded: set[str] = field(default_factory=set)  # sites whose rewrite was rolled back
     limit: int | None = None  # apply at most this many rewrites (used to find a faulty one)
     rewrites: list[Rewrite] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
+    calibration: Calibration | None = None  # data for the analysis passes
+
+    def calibration_inputs(self, count: int):
+        if self.calibration is None:
+            raise OptionError(f"pass {self.pass_name!r} needs calibration data (calibration=[batch, ...])")
+        return self.calibration.inputs(count, self.pass_name)
 
     def allows(self, site: str) -> bool:
         """Whether the pass may rewrite at `site` (a stable node name)."""
@@ -24,9 +70,10 @@ class PassContext:
             return False
         return self.limit is None or len(self.rewrites) < self.limit
 
-    def record(self, sources, exact: bool = True, detail: str = "", macs_before: int = 0,
-               macs_after: int = 0) -> None:
-        self.rewrites.append(Rewrite(self.pass_name, tuple(sources), exact, detail, macs_before, macs_after))
+    def record(self, sources, exact: bool = True, detail: str = "", macs: tuple[int, int] = (0, 0),
+               latency: tuple[float, float] | tuple[None, None] = (None, None)) -> None:
+        """Report a rewrite; `macs` and `latency` are (before, after) of the ops it replaced."""
+        self.rewrites.append(Rewrite(self.pass_name, tuple(sources), exact, detail, *macs, *latency))
 
     def skip(self, node: str, reason: str) -> None:
         self.skips.append(Skip(self.pass_name, node, reason))

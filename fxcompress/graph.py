@@ -63,12 +63,35 @@ def annotate_shapes(gm: fx.GraphModule, inputs) -> None:
     _ShapeRecorder(gm).run(*inputs)
 
 
+def graph_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    return [node for node in gm.graph.nodes if node.op == "placeholder"]
+
+
+def channel_axis(node: fx.Node) -> int:
+    """The channel axis of a node's output: last for token layouts (N, T, C) made by a linear, else 1
+    (N, C, ...) and (N, F). Found from the nearest conv, linear or batch_norm up the first-input chain."""
+    current = node
+    while isinstance(current, fx.Node):
+        call = bind(current)
+        if call is not None and call.kind in ("conv", "batch_norm"):
+            return 1
+        if call is not None and call.kind == "linear":
+            return len(tensor_shape(node) or (0, 0)) - 1
+        current = current.args[0] if current.args else None
+    shape = tensor_shape(node)
+    return len(shape) - 1 if shape is not None and len(shape) == 3 else 1
+
+
 def module_path(node: fx.Node) -> str:
     """The dotted path of the innermost module that produced `node`, the same for export and dynamo."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    return normalize_path(list(stack.values())[-1][0])
+
+
+def normalize_path(path: str) -> str:
+    """A module path as written by dynamo (`L['self'].layers[0]`) or export (`layers.0`), as `layers.0`."""
     path = re.sub(r"^L\['[^']+'\]\.?", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
@@ -104,9 +127,28 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     old.graph.erase_node(old)
 
 
+_IN_PLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
+                       "iand", "ior", "ixor", "ilshift", "irshift"}
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether `node` may write into an input (`y.mul_(2)`, `F.relu(y, inplace=True)`, `y += x`, `y[i] = v`):
+    such a node has an effect even when its result is unused, so dead-code elimination must keep it."""
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name.strip("_") in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+        return True
+    call = bind(node)
+    return bool(node.kwargs.get("inplace") or (call is not None and call.args.get("inplace")))
+
+
 def remove_unused_constants(gm: fx.GraphModule) -> None:
-    """Delete `get_attr` nodes without users and the parameters only they referenced."""
-    gm.graph.eliminate_dead_code()
+    """Delete dead nodes (keeping in-place writes), unused `get_attr` nodes and the parameters only they
+    referenced."""
+    gm.graph.eliminate_dead_code(is_impure_node=writes_in_place)
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name not in used:
@@ -115,3 +157,4 @@ def remove_unused_constants(gm: fx.GraphModule) -> None:
             owner._parameters.pop(leaf, None)
             owner._buffers.pop(leaf, None)
     gm.recompile()
+

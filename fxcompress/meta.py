@@ -2,3 +2,6 @@
 
 STABLE_NAME = "fxcompress_name"  # "<module path>:<op>[#k]", equal across capture methods
 SHAPE = "fxcompress_shape"  # torch.Size of the node's tensor output on the example inputs
+ACTIVATION_STATS = "fxcompress_activation_stats"  # criteria.ActivationStats of an activation's input
+CHANNEL_STATES = "fxcompress_channel_states"  # criteria.ChannelStates of an activation (TLC criterion)
+BLOCK_DISTANCE = "fxcompress_block_distance"  # float: LaCoOT distance between a residual block's input and output

@@ -69,7 +69,10 @@ def _from_factory(reference: str) -> torch.nn.Module:
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise OptionError(f"{module_name!r} has no callable {factory_name!r} (model reference {reference!r})")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as error:  # user code: any failure means the reference is unusable
+        raise OptionError(f"{reference}() raised {type(error).__name__}: {error}") from error
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

@@ -8,6 +8,7 @@ arguments differently). An op missing from the table is opaque: passes treat it 
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ def conv_with_bias_map(input, weight, bias, stride, padding, groups, bias_map):
 
 @dataclass(frozen=True)
 class OpSpec:
-    kind: str  # conv | linear | batch_norm | activation | add | dropout
+    kind: str  # conv | linear | batch_norm | activation | add | dropout | pool | concat
     name: str  # op name used in stable node names: equal across dialects
     params: tuple[str, ...]
     defaults: tuple[tuple[str, Any], ...] = ()
@@ -90,6 +91,17 @@ _register([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout], O
     "dropout", "dropout", ("input", "p", "training", "inplace"), (("p", 0.5), ("training", True))))
 _register([torch.dropout, aten.dropout.default], OpSpec("dropout", "dropout", ("input", "p", "train")))
 
+_MAX_POOL = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+for _dims in (1, 2, 3):
+    _register([getattr(F, f"max_pool{_dims}d"), getattr(torch, f"max_pool{_dims}d"),
+               getattr(aten, f"max_pool{_dims}d").default], OpSpec("pool", f"max_pool{_dims}d", _MAX_POOL))
+    _register([getattr(F, f"avg_pool{_dims}d"), getattr(aten, f"avg_pool{_dims}d").default],
+              OpSpec("pool", f"avg_pool{_dims}d", _AVG_POOL))
+    _register([getattr(F, f"adaptive_avg_pool{_dims}d"), getattr(aten, f"adaptive_avg_pool{_dims}d").default],
+              OpSpec("pool", f"adaptive_avg_pool{_dims}d", ("input", "output_size")))
+_register([torch.cat, aten.cat.default], OpSpec("concat", "cat", ("tensors", "dim"), (("dim", 0),)))
+
 ACTIVATION_NAMES = frozenset(spec.name for spec in _TABLE.values() if spec.kind == "activation")
 
 
@@ -129,6 +141,23 @@ def bind(node: fx.Node) -> OpCall | None:
     for key, value in node.kwargs.items():
         args["input" if key == "self" else key] = value
     return OpCall(spec.kind, spec.name, node, args, spec.tuple_output)
+
+
+def linear_range(call: OpCall) -> tuple[float, float]:
+    """[low, high] where an activation is (about) the identity; below `low` its output is (about) constant."""
+    if call.name == "hardtanh":
+        return float(call["min_val"]), float(call["max_val"])
+    return 0.0, math.inf
+
+
+def set_argument(node: fx.Node, param: str, value: Any) -> None:
+    """Set the argument bound to `param` (as `bind` names it), positional or keyword."""
+    params = _TABLE[node.target].params
+    index = params.index(param)
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg("self" if param == "input" and "self" in node.kwargs else param, value)
 
 
 def op_name(node: fx.Node) -> str:

@@ -1,27 +1,31 @@
 """Run passes over a captured graph: plan first, then the exact passes to a fixed point, each verified.
 
 After every pass the graph's outputs are compared with those of the graph before it. A pass whose
-rewrites all claim to be exact but moves the outputs by more than `config.tolerance` is rolled back;
-the faulty rewrite is found by re-running the pass on a prefix of its rewrites, excluded, and the pass
-run again without it. Approximate rewrites are measured and reported, not rolled back.
+rewrites all claim to be exact but moves the outputs by more than `config.tolerance` (widened for float16
+and bfloat16 graphs, `verify.tolerance_for`) is rolled back; the faulty rewrite is found by re-running the
+pass on a prefix of its rewrites, excluded, and the pass run again without it. Approximate rewrites are
+measured and reported, not rolled back.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
 from .config import CompressConfig
 from .context import PassContext
+from .cost import CostModel, LatencyTable
 from .errors import PassError, PlanError
 from .graph import annotate_names, annotate_shapes, remove_unused_constants, stable_name
 from .ops import bind
 from .passes import EXACT_PIPELINE, PASSES, PLAN_PASSES
 from .plan import Plan
+from .tokens.graph import layer_output_names
 from .report import Check, Metrics, Report
-from .verify import outputs, relative_error, sample_inputs
+from .verify import outputs, relative_error, sample_inputs, tolerance_for
 
 MAX_ROUNDS = 8
 
@@ -36,8 +40,14 @@ def activation_names(gm: fx.GraphModule) -> list[str]:
     return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == "activation"]
 
 
+def add_names(gm: fx.GraphModule) -> list[str]:
+    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == "add"]
+
+
 # For each plan action, the stable names in a graph that it may target.
-PLAN_TARGETS = {"linearize": activation_names}
+PLAN_TARGETS = {"linearize": activation_names, "remove_channels": lambda gm: activation_names(gm) + add_names(gm),
+                "zero_channels": activation_names, "remove_block": add_names,
+                "merge_tokens": layer_output_names}
 
 
 def check_plan(gm: fx.GraphModule, plan: Plan) -> None:
@@ -54,6 +64,8 @@ def check_plan(gm: fx.GraphModule, plan: Plan) -> None:
 def _apply(name: str, gm: fx.GraphModule, ctx: PassContext, inputs) -> bool:
     try:
         changed = PASSES[name](gm, ctx)
+    except PlanError:
+        raise
     except Exception as error:
         raise PassError(f"pass {name!r} failed: {error}") from error
     if changed:
@@ -66,7 +78,12 @@ def _apply(name: str, gm: fx.GraphModule, ctx: PassContext, inputs) -> bool:
 class Pipeline:
     def __init__(self, gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan):
         self.config, self.plan = config, plan
-        self.flat_inputs = pytree.tree_leaves(tuple(example_inputs))
+        self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering)
+                              if config.cost_model == "latency" else None)
+        # private copies: verification runs must not write into the caller's tensors (a BatchNorm in
+        # training mode updates its running statistics, which dynamo passes as inputs)
+        example_inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tuple(example_inputs))
+        self.flat_inputs = pytree.tree_leaves(example_inputs)
         self.samples = sample_inputs(example_inputs)
         self.report = Report()
         self.excluded: dict[str, set[str]] = {}
@@ -76,9 +93,12 @@ class Pipeline:
         check_plan(gm, plan)
         self.report.before = Metrics.of(gm)
         self.state = _State(gm, outputs(gm, self.samples))
+        self.tolerance = tolerance_for(config.tolerance, [self.state.reference, self.flat_inputs,
+                                                          list(gm.state_dict().values())])
 
     def _context(self, name: str, limit: int | None = None) -> PassContext:
-        return PassContext(self.config, name, self.plan, self.excluded.setdefault(name, set()), limit)
+        return PassContext(self.config, name, plan=self.plan, cost=self.cost,
+                           excluded=self.excluded.setdefault(name, set()), limit=limit)
 
     def run_pass(self, name: str, verify: bool = True) -> bool:
         original = copy.deepcopy(self.state.gm)
@@ -90,7 +110,7 @@ class Pipeline:
         result = outputs(gm, self.samples)
         error = relative_error(self.state.reference, result)
         exact = all(rewrite.exact for rewrite in ctx.rewrites)
-        if verify and exact and error > self.config.tolerance:
+        if verify and exact and error > self.tolerance:
             culprit = self._find_faulty_rewrite(name, original, len(ctx.rewrites))
             self.excluded[name].add(culprit)
             self.report.checks.append(Check(name, error, rolled_back=culprit))
@@ -118,7 +138,7 @@ class Pipeline:
     def _prefix_breaks(self, name: str, original: fx.GraphModule, limit: int) -> bool:
         gm = copy.deepcopy(original)
         _apply(name, gm, self._context(name, limit), self.flat_inputs)
-        return relative_error(self.state.reference, outputs(gm, self.samples)) > self.config.tolerance
+        return relative_error(self.state.reference, outputs(gm, self.samples)) > self.tolerance
 
     def run(self) -> tuple[fx.GraphModule, Report]:
         for action, pass_name in PLAN_PASSES.items():

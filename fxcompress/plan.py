@@ -8,15 +8,15 @@ from typing import Any
 
 from .errors import PlanError
 
-ACTIONS = ("linearize",)
+ACTIONS = ("linearize", "remove_channels", "zero_channels", "remove_block", "merge_tokens")
 FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Decision:
     action: str  # one of ACTIONS
-    target: str  # stable node name, "<module path>:<op>[#k]"
-    params: dict[str, Any] = field(default_factory=dict)
+    target: str  # stable node name, "<module path>:<op>[#k]": an activation, or a residual add for remove_block
+    params: dict[str, Any] = field(default_factory=dict)  # remove/zero_channels: {"channels": [int, ...]}
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -56,8 +56,10 @@ class Rewrite:
     sources: tuple[str, ...]  # stable names of the nodes replaced
     exact: bool
     detail: str = ""
-    macs_before: int = 0
+    macs_before: int = 0  # predicted effect
     macs_after: int = 0
+    latency_before_ms: float | None = None  # measured effect, with the latency cost model
+    latency_after_ms: float | None = None
 
 
 @dataclass(frozen=True)

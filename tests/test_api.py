@@ -2,8 +2,6 @@
 import hashlib
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,6 @@ from torch import nn
 
 import fxcompress
 from fxcompress import models
-from fxcompress.cli import main
 from helpers import all_activations, assert_state_unchanged, relative_error, state_of, torchvision_model
 
 
@@ -104,24 +101,6 @@ def test_compressed_module_is_not_sharing_storage_with_the_caller():
     result = fxcompress.compress(model, x)
     ours = {t.data_ptr() for t in model.state_dict().values()}
     assert not ours & {t.data_ptr() for t in result.module.state_dict().values()}
-
-
-def test_cli_demo_on_a_torchvision_model(tmp_path, capsys):
-    code = main(["demo", "--model", "resnet18", "--size", "32", "--repeats", "3",
-                 "--report", str(tmp_path / "r.json")])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "fold_batchnorm x20" in out and "latency" in out
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["latency"]["original_ms"] > 0 and report["latency"]["compressed_ms"] > 0
-
-
-def test_cli_reports_a_bad_model_name_cleanly():
-    done = subprocess.run([sys.executable, "-m", "fxcompress.cli", "demo", "--model", "resnet9000"],
-                          capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "unknown torchvision model 'resnet9000'" in done.stderr
-    assert "Traceback" not in done.stderr
 
 
 def test_pretrained_mobilenet_v2_loads_torchvisions_imagenet_weights():

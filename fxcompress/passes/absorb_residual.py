@@ -3,16 +3,16 @@
 An identity shortcut becomes a Dirac tap (needs equal channels and an output the size of x: odd kernel,
 "same" padding); a 1x1 strided downsample shortcut (its BatchNorm already folded) lands on tap P of the
 main kernel (`merge_math.add_parallel_convs`). Exact. Needs each conv's only user to be the add; applied
-when it costs no more MACs and parameters than the branches, or with `force`. Reads `meta.SHAPE`.
+when it costs no more (MACs or measured latency) and parameters than the branches, or with `force`. Reads `meta.SHAPE`.
 """
 from torch import fx
 
 from ..context import PassContext
+from ..cost import merge_costs
 from ..graph import real_users, replace_node, stable_name, tensor_shape
 from ..layers import NoMatch, emit_conv, read_conv, spatial_size
 from ..merge_math import add_parallel_convs, identity_conv
 from ..ops import OpCall, bind
-from .merge_conv_chain import conv_cost
 
 
 def _branch(gm: fx.GraphModule, operand, add: fx.Node):
@@ -63,11 +63,12 @@ def absorb_residual(gm: fx.GraphModule, ctx: PassContext) -> bool:
             ctx.skip(name, match)
             continue
         conv_input, spec_a, spec_b, merged = match
-        out_size = spatial_size(node)
-        (macs_a, params_a), (macs_b, params_b) = conv_cost(spec_a, out_size), conv_cost(spec_b, out_size)
-        macs, params = conv_cost(merged, out_size)
-        if not ctx.config.force and (macs > macs_a + macs_b or params > params_a + params_b):
-            ctx.skip(name, f"absorbing the shortcut would raise MACs {macs_a + macs_b:,} -> {macs:,}")
+        shape = (tensor_shape(conv_input), spatial_size(node))
+        branches_cost = [ctx.cost.conv(spec, *shape) for spec in (spec_a, spec_b)]  # identity: a depthwise 1x1
+        cost, params = ctx.cost.conv(merged, *shape)
+        if not ctx.config.force and (cost > sum(c[0] for c in branches_cost) or
+                                     params > sum(c[1] for c in branches_cost)):
+            ctx.skip(name, f"absorbing the shortcut would raise the {ctx.cost.kind} cost")
             continue
         if not ctx.allows(name):
             continue
@@ -78,6 +79,7 @@ def absorb_residual(gm: fx.GraphModule, ctx: PassContext) -> bool:
         for branch in branches:
             if not branch.users:
                 gm.graph.erase_node(branch)
-        ctx.record(sources, True, f"shortcut absorbed, kernel {merged.kernel_size}", macs_a + macs_b, macs)
+        ctx.record(sources, True, f"shortcut absorbed, kernel {merged.kernel_size}",
+                   **merge_costs(ctx.cost, "conv", [(spec_a, *shape), (spec_b, *shape)], (merged, *shape)))
         changed = True
     return changed

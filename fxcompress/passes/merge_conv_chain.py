@@ -4,25 +4,18 @@ Kernel K = k1 + (k2 - 1) * s1, stride s1 * s2, padding p1 + p2 * s1 (`merge_math
 is exact when the second conv has no padding, or when the first kernel is 1x1 (the border is then fixed
 by an input-independent bias map for the captured resolution); otherwise it is approximate on the border
 ring and applied only with `allow_approximate`. `chains.segment_chain` picks the segments: cheapest in
-MACs and parameters, or fewest convs with `force`. Reads `meta.SHAPE` (spatial sizes). Does not merge
+cost (MACs or measured latency, see `cost.py`) with no more parameters, or fewest convs with `force`. Reads `meta.SHAPE` (spatial sizes). Does not merge
 across a fan-out, a pooling or any op missing from the op table; dilated and transposed convs stay.
 """
 from torch import fx
 
 from ..chains import segment_chain
 from ..context import PassContext
-from ..graph import replace_node, stable_name
+from ..cost import merge_costs
+from ..graph import replace_node, stable_name, tensor_shape
 from ..layers import emit_conv, find_chains, read_conv, spatial_size
-from ..merge_math import ConvSpec, compose_conv, conv_macs
+from ..merge_math import ConvSpec, compose_conv
 from ..ops import bind
-
-
-def conv_cost(spec: ConvSpec, out_size) -> tuple[int, int]:
-    """(MACs, parameters). A bias map is a per-resolution constant derived from the weights, like a bias
-    costs one add per output, and is not counted as parameters here (the report's totals include it)."""
-    macs = conv_macs(spec.out_channels, spec.in_channels, spec.kernel_size, spec.groups, out_size)
-    params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())
-    return macs, params
 
 
 def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -31,6 +24,7 @@ def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
     for chain in find_chains(gm, "conv", read_conv):
         nodes = [call.node for call, _ in chain]
         sizes = [spatial_size(node) for node in nodes]
+        in_shapes = [tensor_shape(call["input"]) for call, _ in chain]
         refusals: dict[int, str] = {}
 
         def compose(merged: ConvSpec, spec: ConvSpec, j: int):
@@ -46,22 +40,25 @@ def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 return None
             return result, exact
 
-        segments = segment_chain([spec for _, spec in chain], compose,
-                                 lambda spec, j: conv_cost(spec, sizes[j]), config.force)
+        def cost(spec: ConvSpec, start: int, end: int):
+            return ctx.cost.conv(spec, in_shapes[start], sizes[end])
+
+        specs = [spec for _, spec in chain]
+        segments = segment_chain(specs, compose, cost, config.force)
         for segment in segments:
             members = nodes[segment.start:segment.stop]
             if len(members) < 2 or not ctx.allows(stable_name(members[-1])):
                 continue
-            before = sum(conv_cost(spec, sizes[segment.start + i])[0]
-                         for i, (_, spec) in enumerate(chain[segment.start:segment.stop]))
-            after = conv_cost(segment.spec, sizes[segment.stop - 1])[0]
+            first, last = segment.start, segment.stop - 1
+            parts = [(specs[i], in_shapes[i], sizes[i]) for i in range(first, last + 1)]
+            costs = merge_costs(ctx.cost, "conv", parts, (segment.spec, in_shapes[first], sizes[last]))
             new = emit_conv(gm, bind(members[0])["input"], segment.spec, replacing=members[-1])
             names = [stable_name(node) for node in members]
             replace_node(members[-1], new)
             for node in reversed(members[:-1]):
                 gm.graph.erase_node(node)
             ctx.record(names, segment.exact, f"kernel {segment.spec.kernel_size} stride {segment.spec.stride}"
-                       + ("" if segment.exact else ", border ring approximate"), before, after)
+                       + ("" if segment.exact else ", border ring approximate"), **costs)
             changed = True
         for j, reason in refusals.items():
             ctx.skip(stable_name(nodes[j]), f"not merged with its producer: {reason}")

@@ -5,46 +5,42 @@ whose GELU was linearised becomes one d -> d linear (8x fewer MACs). Segments ar
 `chains.segment_chain` (cheapest, or fewest with `force`); a bottleneck d -> r -> d with small r stays.
 Reads `meta.SHAPE`. Does not merge across a fan-out or any op missing from the op table.
 """
-import math
-
 from torch import fx
 
 from ..chains import segment_chain
 from ..context import PassContext
+from ..cost import merge_costs
 from ..graph import replace_node, stable_name, tensor_shape
 from ..layers import LinearSpec, emit_linear, find_chains, read_linear
 from ..merge_math import compose_linear
 from ..ops import bind
 
 
-def linear_cost(spec: LinearSpec, rows: int) -> tuple[int, int]:
-    params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())
-    return rows * spec.weight.numel(), params
-
-
 def merge_linear_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
     changed = False
     for chain in find_chains(gm, "linear", read_linear):
         nodes = [call.node for call, _ in chain]
-        rows = [math.prod(tensor_shape(node)[:-1]) for node in nodes]
+        in_shapes = [tensor_shape(call["input"]) for call, _ in chain]
 
         def compose(merged: LinearSpec, spec: LinearSpec, j: int):
             return LinearSpec(*compose_linear(merged.weight, merged.bias, spec.weight, spec.bias)), True
 
-        segments = segment_chain([spec for _, spec in chain], compose,
-                                 lambda spec, j: linear_cost(spec, rows[j]), ctx.config.force)
+        def cost(spec: LinearSpec, start: int, end: int):
+            return ctx.cost.linear(spec, in_shapes[start])
+
+        specs = [spec for _, spec in chain]
+        segments = segment_chain(specs, compose, cost, ctx.config.force)
         for segment in segments:
             members = nodes[segment.start:segment.stop]
             if len(members) < 2 or not ctx.allows(stable_name(members[-1])):
                 continue
-            before = sum(linear_cost(spec, rows[segment.start + i])[0]
-                         for i, (_, spec) in enumerate(chain[segment.start:segment.stop]))
+            parts = [(specs[i], in_shapes[i]) for i in range(segment.start, segment.stop)]
+            costs = merge_costs(ctx.cost, "linear", parts, (segment.spec, in_shapes[segment.start]))
             new = emit_linear(gm, bind(members[0])["input"], segment.spec, replacing=members[-1])
             names = [stable_name(node) for node in members]
             replace_node(members[-1], new)
             for node in reversed(members[:-1]):
                 gm.graph.erase_node(node)
-            ctx.record(names, True, f"{segment.spec.weight.shape[1]} -> {segment.spec.weight.shape[0]}",
-                       before, linear_cost(segment.spec, rows[segment.stop - 1])[0])
+            ctx.record(names, True, f"{segment.spec.weight.shape[1]} -> {segment.spec.weight.shape[0]}", **costs)
             changed = True
     return changed

@@ -1,0 +1,191 @@
+"""Structures that span several nodes: residual blocks and channel groups.
+
+A channel group is the set of tensors whose channel c is one and the same channel: the output of the
+conv/linear that produces it, the per-channel ops it passes through (BatchNorm, activations, dropout,
+pooling, depthwise convs), both operands of a residual add, and its slice of a concatenation. Removing
+channel c from the group means dropping output channel c of every producer, entry c of every per-channel
+op, and input channel c of every conv/linear that reads the group (its consumers); this equals zeroing
+channel c at each consumer's input.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from .graph import constant, real_users, stable_name, tensor_shape
+from .layers import NoMatch
+from .ops import OpCall, bind
+
+_PER_CHANNEL = ("batch_norm", "activation", "dropout", "pool")
+
+
+def _computed_ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, work = set(), [node]
+    while work:
+        current = work.pop()
+        if current in seen or current.op not in ("call_function", "call_method", "placeholder"):
+            continue
+        seen.add(current)
+        work += current.all_input_nodes
+    return seen
+
+
+def residual_block(add: fx.Node):
+    """(block input, shortcut operand, body operand) of a residual add y = body(x) + shortcut(x), or NoMatch.
+    The block input is the latest node both operands depend on; the shortcut is the operand with fewer ops
+    after it (the block input itself for an identity shortcut)."""
+    call = bind(add)
+    if call is None or call.kind != "add":
+        return NoMatch("not an add")
+    operands = [call["input"], call["other"]]
+    if not all(isinstance(op, fx.Node) and tensor_shape(op) == tensor_shape(add) for op in operands):
+        return NoMatch("not an add of two tensors of the output's shape")
+    ancestors = [_computed_ancestors(op) for op in operands]
+    common = ancestors[0] & ancestors[1]
+    if not common:
+        return NoMatch("the operands share no input")
+    order = {node: index for index, node in enumerate(add.graph.nodes)}
+    block_input = max(common, key=order.__getitem__)
+    before = _computed_ancestors(block_input)
+    lengths = [len(a - before) for a in ancestors]
+    if lengths[0] == lengths[1]:
+        return NoMatch("both operands are equally deep: no shortcut to tell from the body")
+    shortcut, body = (0, 1) if lengths[0] < lengths[1] else (1, 0)
+    return block_input, operands[shortcut], operands[body]
+
+
+def is_depthwise(gm: fx.GraphModule, call: OpCall) -> bool:
+    weight = constant(gm, call["weight"])
+    return call.kind == "conv" and weight is not None and weight.shape[1] == 1 and \
+        int(call["groups"]) == weight.shape[0] > 1
+
+
+@dataclass
+class ChannelGroup:
+    members: dict[fx.Node, set[int]] = field(default_factory=dict)  # tensor -> its channels to remove
+    producers: dict[fx.Node, set[int]] = field(default_factory=dict)  # conv/linear/BN/depthwise: output rows
+    consumers: dict[fx.Node, set[int]] = field(default_factory=dict)  # conv/linear: input channels
+
+    def merge(self, other: "ChannelGroup") -> None:
+        for mine, theirs in ((self.members, other.members), (self.producers, other.producers),
+                             (self.consumers, other.consumers)):
+            for node, channels in theirs.items():
+                mine.setdefault(node, set()).update(channels)
+
+
+def _channels(node: fx.Node) -> int:
+    return tensor_shape(node)[1]
+
+
+def _cat_offsets(call: OpCall) -> list[int] | NoMatch:
+    tensors = call["tensors"]
+    ranks = {len(tensor_shape(t) or ()) for t in tensors}
+    if len(ranks) != 1 or call["dim"] not in (1, 1 - ranks.pop()):
+        return NoMatch("concatenation along a dimension other than channels")
+    offsets, total = [], 0
+    for tensor in tensors:
+        offsets.append(total)
+        total += _channels(tensor)
+    return offsets
+
+
+def _backward(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node, channels: set[int]):
+    """Neighbours that produce `node`'s channels, or NoMatch."""
+    name = stable_name(node)
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = bind(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if source is None or source.kind != "batch_norm" or node.args[1] != 0:
+            return NoMatch(f"channel group reaches {name}, an op whose channels cannot be traced")
+        group.producers.setdefault(source.node, set()).update(channels)
+        return [(source["input"], channels)]
+    call = bind(node)
+    if node.op == "placeholder":
+        return NoMatch(f"channel group reaches the graph input {name}")
+    if call is None:
+        return NoMatch(f"channel group reaches {name}, an op whose channels cannot be traced")
+    if call.kind == "conv" and call.args.get("transposed"):
+        return NoMatch(f"channel group reaches transposed conv {name}")
+    if call.kind in ("conv", "linear") and not is_depthwise(gm, call):
+        if call.kind == "linear" and len(tensor_shape(node)) != 2:
+            return NoMatch(f"{name} has a token layout; channel removal handles (N, C, ...) and (N, F)")
+        if call.kind == "conv" and int(call["groups"]) != 1:
+            return NoMatch(f"{name} is a grouped conv")
+        group.producers.setdefault(node, set()).update(channels)
+        return []
+    if call.kind in _PER_CHANNEL or call.kind == "conv":
+        if call.kind in ("batch_norm", "conv"):
+            group.producers.setdefault(node, set()).update(channels)
+        return [(call["input"], channels)]
+    if call.kind == "add":
+        operands = [op for op in (call["input"], call["other"]) if isinstance(op, fx.Node)]
+        if any(tensor_shape(op) != tensor_shape(node) for op in operands):
+            return NoMatch(f"residual add {name} broadcasts an operand")
+        return [(op, channels) for op in operands]
+    if call.kind == "concat":
+        offsets = _cat_offsets(call)
+        if not offsets:
+            return offsets
+        result = []
+        for tensor, offset in zip(call["tensors"], offsets):
+            mine = {c - offset for c in channels if offset <= c < offset + _channels(tensor)}
+            if mine:
+                result.append((tensor, mine))
+        return result
+    return NoMatch(f"channel group reaches {name} ({call.name}), which does not keep channels apart")
+
+
+def _forward(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node, user: fx.Node, channels: set[int]):
+    """What `user` does with `node`'s channels: a consumer (recorded) or neighbours, or NoMatch."""
+    if user.op == "output":
+        return NoMatch(f"channel group of {stable_name(node)} reaches the graph output")
+    call = bind(user)
+    name = stable_name(user)
+    if call is None:
+        return NoMatch(f"channel group reaches {name}, an op whose channels cannot be traced")
+    if call.kind in ("conv", "linear", "batch_norm") and call["input"] is not node:
+        return NoMatch(f"{stable_name(node)} is used as a parameter of {name}")
+    if call.kind in ("conv", "linear") and not is_depthwise(gm, call):
+        if call.kind == "conv" and int(call["groups"]) != 1:
+            return NoMatch(f"{name} is a grouped conv")
+        if call.kind == "linear" and len(tensor_shape(node)) != 2:
+            return NoMatch(f"{name} reads a token layout; channel removal handles (N, C, ...) and (N, F)")
+        group.consumers.setdefault(user, set()).update(channels)
+        return []
+    if call.kind in _PER_CHANNEL or call.kind in ("conv", "add"):
+        return [(call.output if call.tuple_output else user, channels)]
+    if call.kind == "concat":
+        offsets = _cat_offsets(call)
+        if not offsets:
+            return offsets
+        return [(user, {c + offset for c in channels}) for tensor, offset in zip(call["tensors"], offsets)
+                if tensor is node]
+    return NoMatch(f"channel group reaches {name} ({call.name}), which does not keep channels apart")
+
+
+def channel_group(gm: fx.GraphModule, seed: fx.Node, channels) -> ChannelGroup | NoMatch:
+    """The channel group of `seed` restricted to `channels`, or why it cannot be removed."""
+    group = ChannelGroup()
+    work = [(seed, set(channels))]
+    while work:
+        node, channels = work.pop()
+        new = channels - group.members.get(node, set())
+        if not new:
+            continue
+        group.members.setdefault(node, set()).update(new)
+        if tensor_shape(node) is None or len(tensor_shape(node)) < 2:
+            return NoMatch(f"{stable_name(node)} has no channel dimension")
+        steps = _backward(gm, group, node, new)
+        if not isinstance(steps, list):
+            return steps
+        for user in real_users(node):
+            more = _forward(gm, group, node, user, new)
+            if not isinstance(more, list):
+                return more
+            steps += more
+        work += steps
+    for node, removed in group.members.items():
+        if len(removed) >= _channels(node):
+            return NoMatch(f"removing {len(removed)} channels would empty {stable_name(node)}")
+    return group

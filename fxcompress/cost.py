@@ -1,0 +1,105 @@
+"""The merge cost model: (cost, parameters) of a conv or linear, where cost is MACs or the latency measured
+on the target lowering.
+
+Latency is measured once per op signature and input shape on a stand-alone module of that one op, lowered
+like the real model, and kept in a lookup table per lowering and device (in memory, and in a JSON file
+when a path is given). The chain cost is the sum of its ops' latencies: launch overheads and fusions
+across ops are not modelled, which is why every merge is reported with both. A bias map (a per-resolution
+constant derived from the weights, one add per output like a bias) is not counted as parameters.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import valid_choice
+from .layers import LinearSpec
+from .merge_math import ConvSpec, conv_macs
+
+COST_MODELS = ("macs", "latency")
+
+
+class _SpecModule(torch.nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x):
+        if isinstance(self.spec, LinearSpec):
+            return torch.nn.functional.linear(x, self.spec.weight, self.spec.bias)
+        return self.spec(x)
+
+
+class LatencyTable:
+    """Median latency (ms) of single ops on one lowering and device, measured once per signature."""
+
+    def __init__(self, lowering: str = "eager", device: str = "cpu", path: str | Path | None = None,
+                 repeats: int = 15):
+        self.lowering, self.device, self.repeats = lowering, device, repeats
+        self.path = None if path is None else Path(path)
+        self.entries: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            self.entries = json.loads(self.path.read_text())
+
+    def latency(self, spec: ConvSpec | LinearSpec, in_shape) -> float:
+        key = self._key(spec, in_shape)
+        if key not in self.entries:
+            self.entries[key] = self._measure(spec, in_shape)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(json.dumps(self.entries, indent=1))
+        return self.entries[key]
+
+    def _key(self, spec, in_shape) -> str:
+        shape = "x".join(map(str, in_shape))
+        if isinstance(spec, LinearSpec):
+            return f"{self.lowering}|{self.device}|linear|{tuple(spec.weight.shape)}|{spec.bias is not None}|{shape}"
+        return (f"{self.lowering}|{self.device}|conv|{tuple(spec.weight.shape)}|g{spec.groups}|s{spec.stride}"
+                f"|p{spec.padding}|{spec.bias is not None}|{spec.bias_map is not None}|{shape}|{spec.weight.dtype}")
+
+    def _measure(self, spec, in_shape) -> float:
+        from .measure import measure
+
+        x = torch.randn(*in_shape, dtype=spec.weight.dtype)
+        timing = measure({"op": _SpecModule(spec)}, (x,), lowering=self.lowering, device=self.device,
+                         warmup=3, repeats=self.repeats)
+        return timing["results"]["op"]["median_ms"]
+
+
+class CostModel:
+    """What a merge is judged by: MACs (default) or measured latency, paired with the parameter count."""
+
+    def __init__(self, kind: str = "macs", table: LatencyTable | None = None):
+        valid_choice("cost model", kind, COST_MODELS)
+        self.kind = kind
+        self.table = table if table is not None or kind == "macs" else LatencyTable()
+
+    def conv(self, spec: ConvSpec, in_shape, out_size) -> tuple[float, int]:
+        params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())
+        if self.kind == "latency":
+            return self.table.latency(spec, in_shape), params
+        macs = conv_macs(spec.out_channels, spec.in_channels, spec.kernel_size, spec.groups, out_size)
+        return in_shape[0] * macs, params
+
+    def linear(self, spec: LinearSpec, in_shape) -> tuple[float, int]:
+        params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())
+        if self.kind == "latency":
+            return self.table.latency(spec, in_shape), params
+        return math.prod(in_shape[:-1]) * spec.weight.numel(), params
+
+
+def merge_costs(model: CostModel, op: str, parts: list[tuple], merged: tuple) -> dict:
+    """`PassContext.record` arguments for a merge: MACs before/after (the prediction) and, with the latency
+    model, measured latency before/after. `parts` and `merged` are argument tuples of `CostModel.<op>`."""
+    macs = getattr(MACS, op)
+    costs = {"macs": (sum(macs(*part)[0] for part in parts), macs(*merged)[0])}
+    if model.kind == "latency":
+        latency = getattr(model, op)
+        costs["latency"] = (sum(latency(*part)[0] for part in parts), latency(*merged)[0])
+    return costs
+
+
+MACS = CostModel("macs")

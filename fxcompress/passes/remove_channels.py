@@ -1,0 +1,64 @@
+"""remove_channels: remove the channels a plan names from a channel group, structurally.
+
+Reads the plan's `remove_channels` decisions (target: an activation or a residual add; params:
+{"channels": [indices]}) and finds each channel group (`blocks.channel_group`): the producing conv/linear
+and its BatchNorm, per-channel ops, depthwise convs, every branch of a residual add, the slice of a
+concatenation. It drops those output channels from producers, those entries from BatchNorms and depthwise
+convs, and those input channels from every conv/linear that reads the group. The result equals the
+original with the channels zeroed at the consumers' inputs: exact where the group is zero there (an
+always-off ReLU channel). Changes outputs by design (unverified, like `linearize`); a group that reaches
+the graph output, an op that mixes channels, a grouped conv or a token layout is refused with a PlanError
+naming it.
+"""
+import torch
+from torch import fx
+
+from ..blocks import ChannelGroup, channel_group
+from ..context import PassContext
+from ..errors import PlanError
+from ..graph import add_constant, constant, stable_name
+from ..ops import bind, set_argument
+
+_PRODUCER_PARAMS = ("weight", "bias", "running_mean", "running_var", "bias_map")
+
+
+def _keep(size: int, removed: set[int]) -> torch.Tensor:
+    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
+
+
+def _slice(gm: fx.GraphModule, node: fx.Node, param: str, keep: torch.Tensor, dim: int) -> None:
+    tensor = constant(gm, bind(node).args.get(param))
+    if tensor is None:
+        return
+    hint = f"{stable_name(node)}_{param}".replace(":", "_")
+    set_argument(node, param, add_constant(gm, hint, tensor.index_select(dim, keep), before=node))
+
+
+def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    nodes = {stable_name(node): node for node in gm.graph.nodes}
+    group = ChannelGroup()
+    for decision in ctx.plan.decisions:
+        if decision.action != "remove_channels":
+            continue
+        channels = decision.params.get("channels")
+        if not isinstance(channels, list) or not channels or not all(isinstance(c, int) for c in channels):
+            raise PlanError(f"remove_channels at {decision.target} needs params {{'channels': [int, ...]}}")
+        found = channel_group(gm, nodes[decision.target], channels)
+        if not found:
+            raise PlanError(f"cannot remove channels of {decision.target}: {found}")
+        group.merge(found)
+    for node, removed in group.producers.items():
+        call = bind(node)
+        keep = _keep(constant(gm, call["weight"] if call.kind != "batch_norm" else call["running_mean"]).shape[0],
+                     removed)
+        for param in _PRODUCER_PARAMS:
+            if param in call.args:
+                _slice(gm, node, param, keep, 1 if param == "bias_map" else 0)
+        if call.kind == "conv" and int(call["groups"]) > 1:
+            set_argument(node, "groups", len(keep))
+        ctx.record([stable_name(node)], False, f"{len(removed)} output channels removed")
+    for node, removed in group.consumers.items():
+        weight = constant(gm, bind(node)["weight"])
+        _slice(gm, node, "weight", _keep(weight.shape[1], removed), 1)
+        ctx.record([stable_name(node)], False, f"{len(removed)} input channels removed")
+    return bool(group.producers or group.consumers)

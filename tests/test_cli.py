@@ -1,0 +1,80 @@
+"""The command line, end to end: demo, compress (artifacts), bench, and clean failures."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import onnx
+import pytest
+import torch
+
+from fxcompress.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fxcompress.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_demo_on_a_torchvision_model(tmp_path, capsys):
+    assert main(["demo", "resnet18", "--size", "32", "--repeats", "3", "--report", str(tmp_path / "r.json")]) == 0
+    assert "fold_batchnorm x20" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["latency"]["original_ms"] > 0 and report["latency"]["compressed_ms"] > 0
+
+
+def test_compress_torchvision_model_writes_pt2_plan_and_report(tmp_path):
+    assert main(["compress", "mobilenet_v2", "--size", "32", "--linearize-fraction", "0.5", "--force",
+                 "--out", str(tmp_path)]) == 0
+    program = torch.export.load(tmp_path / "model.pt2")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(plan["decisions"]) == 35 // 2 + 1
+    assert report["after"]["weight_layers"] < report["before"]["weight_layers"]
+    assert program.module()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_compress_factory_model_to_onnx(tmp_path):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+        def small():
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                       torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 4))
+    """))
+    done = run_cli("compress", "my_models:small", "--size", "16", "--backend", "onnxruntime", "--out", "out",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    onnx.checker.check_model(str(tmp_path / "out" / "model.onnx"))
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["after"]["weight_layers"] == 2
+
+
+def test_bench_writes_rows(tmp_path):
+    assert main(["bench", "resnet18", "--size", "32", "--backends", "eager,onnxruntime", "--batch-sizes", "1,2",
+                 "--repeats", "2", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["lowering"], r["batch"]) for r in rows] == [("eager", 1), ("onnxruntime", 1), ("eager", 2),
+                                                           ("onnxruntime", 2)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "resnet9000"], "unknown torchvision model 'resnet9000'"),
+    (["compress", "nosuch_module:factory"], "cannot import 'nosuch_module'"),
+    (["compress", "os:getcwd"], "returned str, not a torch.nn.Module"),
+    (["compress", "json:dumps"], "json:dumps() raised TypeError"),
+    (["compress", "missing.pt2"], "no saved ExportedProgram at missing.pt2"),
+    (["compress", "resnet18", "--backend", "tvm"], "invalid choice: 'tvm'"),
+    (["bench", "resnet18", "--backends", "eager,tvm"], "unknown backend 'tvm'"),
+    (["compress", "untraceable:model"], "torch.export could not capture Untraceable"),
+])
+def test_failures_are_clean(tmp_path, args, message):
+    (tmp_path / "untraceable.py").write_text(textwrap.dedent("""
+        import torch
+        class Untraceable(torch.nn.Module):
+            def forward(self, x):
+                return x * 2 if x.sum() > 0 else x
+        def model():
+            return Untraceable()
+    """))
+    done = run_cli(*args, "--size", "16", cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
