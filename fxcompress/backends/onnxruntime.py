@@ -38,6 +38,8 @@ class OnnxRuntimeModule:
         _, ort = _require()
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # idle worker threads must not spin: they would steal the cores of whatever runs next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
