@@ -23,7 +23,7 @@ from torch import fx
 from .backends import GRAPH_LOWERINGS, lower_graph
 from .config import CompressConfig
 from .errors import OptionError, valid_choice
-from .graph import annotate_names, annotate_shapes, is_guard
+from .graph import annotate_names, annotate_shapes, graph_inputs, is_guard
 from .ops import bind
 from .pipeline import compress_graph
 from .plan import Plan
@@ -86,7 +86,7 @@ def _criterion(criterion, max_error, plan: Plan) -> float | None:
 def weight_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
     """Indices of placeholders used only as weights, biases or statistics of ops the passes rewrite."""
     indices = []
-    for index, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):
+    for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
         uses = [user for user in node.users if not is_guard(user)]
         if isinstance(value, torch.Tensor) and uses and all(_is_weight_use(user, node) for user in uses):
             indices.append(index)
@@ -97,15 +97,11 @@ def scalar_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
     """Indices of 0-d tensors read only through `.item()`: module attributes such as a BatchNorm eps or a
     dropout probability, which dynamo passes as inputs when compiling with dynamic=True."""
     indices = []
-    for index, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):
+    for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
         if isinstance(value, torch.Tensor) and value.dim() == 0 and node.users and \
                 all(user.op == "call_method" and user.target == "item" for user in node.users):
             indices.append(index)
     return indices
-
-
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [node for node in gm.graph.nodes if node.op == "placeholder"]
 
 
 def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
@@ -124,7 +120,7 @@ def bake_weights(gm: fx.GraphModule, example_inputs, weights: list[int], scalars
     and the `.item()` reads of the placeholders at `scalars` are their values."""
     baked = fx.GraphModule(torch.nn.Module(), fx.Graph())
     env: dict[fx.Node, object] = {}
-    for index, node in enumerate(_placeholders(gm)):
+    for index, node in enumerate(graph_inputs(gm)):
         if index in weights:
             name = f"baked_{node.name}"
             baked.register_buffer(name, example_inputs[index].detach().clone())
@@ -165,8 +161,7 @@ class DepthPruneCompiled:
         if any(not isinstance(arg, torch.Tensor) for arg in runtime_args):  # sizes passed: dynamic shapes
             config = dataclasses.replace(config, allow_bias_map=False)
         with torch.no_grad():
-            compressed, report = compress_graph(baked, runtime_args, config, self._criterion_plan(
-                baked, runtime_args, self._plan(baked, runtime_args)))
+            compressed, report = compress_graph(baked, runtime_args, config, self._plan(baked, runtime_args))
         if self.options.on_report is not None:
             self.options.on_report(report)
         compiled = lower_graph(compressed, runtime_args, self.options.lowering)
@@ -177,23 +172,20 @@ class DepthPruneCompiled:
         return compiled
 
     def _plan(self, baked: fx.GraphModule, runtime_args) -> Plan:
-        """The given plan plus the token reductions asked for, placed on this graph's encoder layers."""
-        tokens, plan = self.options.tokens, self.options.plan
-        if tokens is None or tokens.is_identity:
-            return plan
+        """The given plan plus the token reductions and the data-free BatchNorm criterion (TLC) decisions
+        asked for, found on this graph."""
+        options, decisions = self.options, list(self.options.plan.decisions)
+        tokens = None if options.tokens is None or options.tokens.is_identity else options.tokens
+        if tokens is None and options.max_error is None:
+            return options.plan
         annotate_names(baked)
         annotate_shapes(baked, runtime_args)
-        return Plan(plan.decisions + token_plan(baked, tokens).decisions, plan.model)
-
-    def _criterion_plan(self, baked: fx.GraphModule, runtime_args, plan: Plan) -> Plan:
-        """`plan` plus the decisions of the data-free BatchNorm criterion (TLC), if asked for."""
-        if self.options.max_error is None:
-            return plan
-        annotate_names(baked)
-        annotate_shapes(baked, runtime_args)
-        found = plan_graph(baked, runtime_args, criterion="bn", max_error=self.options.max_error,
-                           config=self.options.config)
-        return Plan(plan.decisions + found.plan.decisions, plan.model)
+        if tokens is not None:
+            decisions += token_plan(baked, tokens).decisions
+        if options.max_error is not None:
+            decisions += plan_graph(baked, runtime_args, criterion="bn", max_error=options.max_error,
+                                    config=options.config).plan.decisions
+        return Plan(tuple(decisions), options.plan.model)
 
     def __call__(self, *args):
         entry = self.cache.get(self._key(args))

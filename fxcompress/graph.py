@@ -157,4 +157,3 @@ def remove_unused_constants(gm: fx.GraphModule) -> None:
             owner._parameters.pop(leaf, None)
             owner._buffers.pop(leaf, None)
     gm.recompile()
-

@@ -36,12 +36,17 @@ class _State:
     reference: list  # outputs of `gm` on the samples
 
 
+def names_of_kind(gm: fx.GraphModule, kind: str) -> list[str]:
+    """Stable names of the nodes whose op-table kind is `kind`, in graph order."""
+    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == kind]
+
+
 def activation_names(gm: fx.GraphModule) -> list[str]:
-    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == "activation"]
+    return names_of_kind(gm, "activation")
 
 
 def add_names(gm: fx.GraphModule) -> list[str]:
-    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == "add"]
+    return names_of_kind(gm, "add")
 
 
 # For each plan action, the stable names in a graph that it may target.
