@@ -82,6 +82,17 @@ def channel_axis(node: fx.Node) -> int:
     return len(shape) - 1 if shape is not None and len(shape) == 3 else 1
 
 
+def channel_width(node: fx.Node) -> int | None:
+    """The size of a node's channel axis (`channel_axis`), or None where it has none (fewer than 2 dims)."""
+    shape = tensor_shape(node)
+    return shape[channel_axis(node)] if shape is not None and len(shape) >= 2 else None
+
+
+def names_of_kind(gm: fx.GraphModule, *kinds: str) -> list[str]:
+    """Stable names of the nodes whose op-table kind is one of `kinds`, in graph order."""
+    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind in kinds]
+
+
 def module_path(node: fx.Node) -> str:
     """The dotted path of the innermost module that produced `node`, the same for export and dynamo."""
     stack = node.meta.get("nn_module_stack") or {}

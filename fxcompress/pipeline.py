@@ -9,6 +9,7 @@ measured and reported, not rolled back.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,9 @@ from .config import CompressConfig
 from .context import PassContext
 from .cost import CostModel, LatencyTable
 from .errors import PassError, PlanError
-from .graph import annotate_names, annotate_shapes, remove_unused_constants, stable_name
-from .ops import bind
-from .passes import EXACT_PIPELINE, PASSES, PLAN_PASSES
+from .graph import annotate_names, annotate_shapes, names_of_kind, remove_unused_constants, stable_name
+from .passes import EXACT_PIPELINE, PASSES, PLAN_ACTIONS
 from .plan import Plan
-from .tokens.graph import layer_output_names
 from .report import Check, Metrics, Report
 from .verify import outputs, relative_error, sample_inputs, tolerance_for
 
@@ -36,34 +35,33 @@ class _State:
     reference: list  # outputs of `gm` on the samples
 
 
-def names_of_kind(gm: fx.GraphModule, kind: str) -> list[str]:
-    """Stable names of the nodes whose op-table kind is `kind`, in graph order."""
-    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == kind]
-
-
 def activation_names(gm: fx.GraphModule) -> list[str]:
     return names_of_kind(gm, "activation")
 
 
-def add_names(gm: fx.GraphModule) -> list[str]:
-    return names_of_kind(gm, "add")
-
-
-# For each plan action, the stable names in a graph that it may target.
-PLAN_TARGETS = {"linearize": activation_names, "remove_channels": lambda gm: activation_names(gm) + add_names(gm),
-                "zero_channels": activation_names, "remove_block": add_names,
-                "merge_tokens": layer_output_names}
-
-
 def check_plan(gm: fx.GraphModule, plan: Plan) -> None:
-    for action, candidates in PLAN_TARGETS.items():
-        known = set(candidates(gm))
-        missing = [target for target in plan.targets(action) if target not in known]
-        if missing:
-            hint = ", ".join(sorted(known)[:5]) or "none"
-            origin = f" (plan made for {plan.model})" if plan.model else ""
-            raise PlanError(f"plan names {len(missing)} {action} target(s) absent from this graph{origin}: "
-                            f"{', '.join(missing[:5])}; valid targets here look like: {hint}")
+    """Refuse, before any pass runs, a plan whose actions, targets or params do not fit `gm` (annotated with
+    names and shapes), naming the decision at fault."""
+    unknown = [decision.action for decision in plan.decisions if decision.action not in PLAN_ACTIONS]
+    if unknown:
+        raise PlanError(f"unknown plan action {unknown[0]!r}; valid: {', '.join(PLAN_ACTIONS)}")
+    for action in PLAN_ACTIONS.values():
+        _check_targets(plan, action.name, set(action.targets(gm)))
+    repeated = Counter((decision.action, decision.target) for decision in plan.decisions)
+    nodes = {stable_name(node): node for node in gm.graph.nodes}
+    for decision in plan.decisions:
+        if repeated[decision.action, decision.target] > 1:
+            raise decision.error(f"the plan has {repeated[decision.action, decision.target]} decisions for it")
+        PLAN_ACTIONS[decision.action].validate(decision, nodes[decision.target])
+
+
+def _check_targets(plan: Plan, action: str, known: set[str]) -> None:
+    missing = [target for target in plan.targets(action) if target not in known]
+    if missing:
+        hint = ", ".join(sorted(known)[:5]) or "none"
+        origin = f" (plan made for {plan.model})" if plan.model else ""
+        raise PlanError(f"plan names {len(missing)} {action} target(s) absent from this graph{origin}: "
+                        f"{', '.join(missing[:5])}; valid targets here look like: {hint}")
 
 
 def _apply(name: str, gm: fx.GraphModule, ctx: PassContext, inputs) -> bool:
@@ -146,9 +144,9 @@ class Pipeline:
         return relative_error(self.state.reference, outputs(gm, self.samples)) > self.tolerance
 
     def run(self) -> tuple[fx.GraphModule, Report]:
-        for action, pass_name in PLAN_PASSES.items():
+        for action in PLAN_ACTIONS:
             if self.plan.targets(action):
-                self.run_pass(pass_name, verify=False)
+                self.run_pass(action, verify=False)
         for _ in range(MAX_ROUNDS):
             self.skips = []
             changed = [self.run_pass(name) for name in EXACT_PIPELINE]

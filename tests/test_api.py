@@ -31,7 +31,7 @@ def test_plan_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"format": 1, "decisions": [{"action": "explode", "target": "x"}]}', "unknown plan action 'explode'"),
+    ('{"format": 1, "decisions": [{"action": 5, "target": "x"}]}', "plan action must be a name, got 5"),
     ('{"format": 9, "decisions": []}', "not an fxcompress plan"),
     ("{not json", "not valid JSON"),
 ])

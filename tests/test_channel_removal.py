@@ -116,4 +116,4 @@ class Skip(nn.Module):
 def test_refused_with_the_reason(capture, model, target, message):
     torch.manual_seed(0)
     with pytest.raises(fxcompress.PlanError, match=message):
-        removed(capture, model().eval(), (torch.randn(2, 3, 8, 8),), target)
+        removed(capture, model().eval(), (torch.randn(2, 3, 8, 8),), target, [1, 2])

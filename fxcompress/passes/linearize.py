@@ -1,14 +1,16 @@
 """linearize: replace the activations a plan names by identity.
 
 Reads the plan's `linearize` targets (stable node names) from the context; the pipeline has already
-checked that each names an activation of this graph. Changes outputs by design, so it is verified
-against nothing: the linearised graph becomes the reference of the exact passes that follow.
+checked (`LINEARIZE`) that each names an activation of this graph and has no params. Changes outputs by
+design, so it is verified against nothing: the linearised graph becomes the reference of the exact passes
+that follow.
 """
 from torch import fx
 
 from ..context import PassContext
-from ..graph import replace_node, stable_name
+from ..graph import names_of_kind, replace_node, stable_name
 from ..ops import bind
+from ..plan import PlanAction, takes_no_params
 
 
 def linearize(gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -22,3 +24,6 @@ def linearize(gm: fx.GraphModule, ctx: PassContext) -> bool:
         ctx.record([stable_name(node)], detail=f"{call.name} -> identity")
         changed = True
     return changed
+
+
+LINEARIZE = PlanAction("linearize", linearize, lambda gm: names_of_kind(gm, "activation"), takes_no_params)

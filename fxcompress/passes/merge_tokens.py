@@ -1,7 +1,8 @@
 """merge_tokens: reduce a ViT's tokens after the encoder layers a plan names (FOLDER on a captured graph).
 
 Each `merge_tokens` decision targets the output node of an encoder layer (its last residual add) with
-params {method, tokens, protected, restore_order}. The pass inserts `token_merge.reduce_step` there and
+params {method, tokens, protected, restore_order} (`token_merge.reduce_step`'s method, target, protected and
+restore), checked by `MERGE_TOKENS` against the target's token count. The pass inserts `reduce_step` there and
 routes the layer's users to the reduced tokens; sizes and positions flow from one reduction to the next,
 so size-weighted averages stay exact across layers. Matching uses the layer's output features, since the
 attention's keys are inside an opaque op. Needs names (`annotate_names`); `tokens.graph.token_plan`
@@ -15,8 +16,13 @@ import operator
 from torch import fx
 
 from ..context import PassContext
-from ..graph import stable_name
+from ..graph import stable_name, tensor_shape
+from ..plan import Decision, PlanAction, check_param_names, is_int
 from ..token_merge import reduce_step
+from ..tokens.config import METHODS
+from ..tokens.graph import layer_output_names
+
+_PARAMS = ("method", "tokens", "protected", "restore_order")
 
 
 def merge_tokens(gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -41,3 +47,24 @@ def merge_tokens(gm: fx.GraphModule, ctx: PassContext) -> bool:
         ctx.record([stable_name(node)], exact=False, detail=f"{params['method']}: {params['tokens']} tokens left")
         changed = True
     return changed
+
+
+def _validate(decision: Decision, node: fx.Node) -> None:
+    check_param_names(decision, _PARAMS)
+    method, tokens, protected, restore = (decision.params[name] for name in _PARAMS)
+    if method not in METHODS:
+        raise decision.error(f"'method' must be one of {', '.join(METHODS)}, got {method!r}")
+    if not is_int(protected) or protected < 0:
+        raise decision.error(f"'protected' must be an int >= 0, got {protected!r}")
+    shape = tensor_shape(node)
+    if shape is None or len(shape) != 3:
+        raise decision.error("the target is not a [batch, tokens, channels] tensor")
+    count = shape[1]
+    if not is_int(tokens) or not protected < tokens <= count:
+        raise decision.error(f"'tokens' must be an int in {protected + 1}..{count} (more than the {protected} "
+                             f"protected, at most the {count} tokens there), got {tokens!r}")
+    if not isinstance(restore, bool):
+        raise decision.error(f"'restore_order' must be a bool, got {restore!r}")
+
+
+MERGE_TOKENS = PlanAction("merge_tokens", merge_tokens, layer_output_names, _validate)

@@ -1,18 +1,18 @@
 """remove_block: replace the residual blocks a plan names by their shortcuts (LaCoOT's block removal).
 
-Reads the plan's `remove_block` targets (stable names of residual adds). `blocks.residual_block` splits
-y = body(x) + shortcut(x); the add's users then read shortcut(x) (x itself for an identity shortcut)
-and the body is erased. Changes outputs by design (unverified, like
-`linearize`): exact only where the body's output is zero. The body is erased explicitly, since FX's
-dead-code elimination keeps in-place ops. An add that is not a residual block is refused
-with a PlanError giving the reason.
+Reads the plan's `remove_block` targets (stable names of residual adds, no params: `REMOVE_BLOCK`).
+`blocks.residual_block` splits y = body(x) + shortcut(x); the add's users then read shortcut(x) (x itself for
+an identity shortcut) and the body is erased. Changes outputs by design (unverified, like `linearize`): exact
+only where the body's output is zero. The body is erased explicitly, since FX's dead-code elimination keeps
+in-place ops. An add that is not a residual block is refused with a PlanError giving the reason.
 """
 from torch import fx
 
 from ..blocks import residual_block
 from ..context import PassContext
 from ..errors import PlanError
-from ..graph import replace_node, stable_name
+from ..graph import names_of_kind, replace_node, stable_name
+from ..plan import PlanAction, takes_no_params
 
 
 def _erase_dead(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -44,3 +44,6 @@ def remove_block(gm: fx.GraphModule, ctx: PassContext) -> bool:
         ctx.record([name, body_name], False, "block replaced by its shortcut")
         changed = True
     return changed
+
+
+REMOVE_BLOCK = PlanAction("remove_block", remove_block, lambda gm: names_of_kind(gm, "add"), takes_no_params)

@@ -1,14 +1,14 @@
 """remove_channels: remove the channels a plan names from a channel group, structurally.
 
-Reads the plan's `remove_channels` decisions (target: an activation or a residual add; params:
-{"channels": [indices]}) and finds each channel group (`blocks.channel_group`): the producing conv/linear
-and its BatchNorm, per-channel ops, depthwise convs, every branch of a residual add, the slice of a
-concatenation. It drops those output channels from producers, those entries from BatchNorms and depthwise
-convs, and those input channels from every conv/linear that reads the group. The result equals the
-original with the channels zeroed at the consumers' inputs: exact where the group is zero there (an
-always-off ReLU channel). Changes outputs by design (unverified, like `linearize`); a group that reaches
-the graph output, an op that mixes channels, a grouped conv or a token layout is refused with a PlanError
-naming it.
+Reads the plan's `remove_channels` decisions (target: an activation or a residual add; params: {"channels":
+[indices]}, checked by `REMOVE_CHANNELS` against the target's width) and finds each channel group
+(`blocks.channel_group`): the producing conv/linear and its BatchNorm, per-channel ops, depthwise convs, every
+branch of a residual add, the slice of a concatenation. It drops those output channels from producers, those
+entries from BatchNorms and depthwise convs, and those input channels from every conv/linear that reads the
+group. The result equals the original with the channels zeroed at the consumers' inputs: exact where the group
+is zero there (an always-off ReLU channel). Changes outputs by design (unverified, like `linearize`); a group
+that reaches the graph output, an op that mixes channels, a grouped conv or a token layout is refused with a
+PlanError naming it.
 """
 import torch
 from torch import fx
@@ -16,8 +16,9 @@ from torch import fx
 from ..blocks import ChannelGroup, channel_group
 from ..context import PassContext
 from ..errors import PlanError
-from ..graph import add_constant, constant, stable_name
+from ..graph import add_constant, channel_width, constant, names_of_kind, stable_name
 from ..ops import bind, set_argument
+from ..plan import Decision, PlanAction, check_channels
 
 _PRODUCER_PARAMS = ("weight", "bias", "running_mean", "running_var", "bias_map")
 
@@ -40,10 +41,7 @@ def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
     for decision in ctx.plan.decisions:
         if decision.action != "remove_channels":
             continue
-        channels = decision.params.get("channels")
-        if not isinstance(channels, list) or not channels or not all(isinstance(c, int) for c in channels):
-            raise PlanError(f"remove_channels at {decision.target} needs params {{'channels': [int, ...]}}")
-        found = channel_group(gm, nodes[decision.target], channels)
+        found = channel_group(gm, nodes[decision.target], decision.params["channels"])
         if not found:
             raise PlanError(f"cannot remove channels of {decision.target}: {found}")
         group.merge(found)
@@ -62,3 +60,11 @@ def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
         _slice(gm, node, "weight", _keep(weight.shape[1], removed), 1)
         ctx.record([stable_name(node)], False, f"{len(removed)} input channels removed")
     return bool(group.producers or group.consumers)
+
+
+def _validate(decision: Decision, node: fx.Node) -> None:
+    check_channels(decision, channel_width(node))
+
+
+REMOVE_CHANNELS = PlanAction("remove_channels", remove_channels, lambda gm: names_of_kind(gm, "activation", "add"),
+                             _validate)

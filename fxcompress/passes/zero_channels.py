@@ -1,19 +1,21 @@
 """zero_channels: make the channels a plan names output exactly zero, in the op that feeds the activation.
 
-Reads the plan's `zero_channels` decisions (target: an activation; params: {"channels": [indices]}). The
-activation's input must be a BatchNorm (its gamma and beta are set to 0 on those channels) or a conv/linear
-(its weight rows and bias), used by nothing else. A ReLU-like activation then outputs 0 there, linearised
-or not: this is how an always-off channel is handled where `remove_channels` cannot remove it
-structurally (its channel group reaches ops that do not keep zeros, such as a depthwise conv with bias).
-The weight shapes stay; later merges fold the zero rows. Changes outputs by design (unverified).
+Reads the plan's `zero_channels` decisions (target: an activation; params: {"channels": [indices]}, checked by
+`ZERO_CHANNELS` against the target's width). The activation's input must be a BatchNorm (its gamma and beta
+are set to 0 on those channels) or a conv/linear (its weight rows and bias), used by nothing else. A ReLU-like
+activation then outputs 0 there, linearised or not: this is how an always-off channel is handled where
+`remove_channels` cannot remove it structurally (its channel group reaches ops that do not keep zeros, such as
+a depthwise conv with bias). The weight shapes stay; later merges fold the zero rows. Changes outputs by
+design (unverified).
 """
 import torch
 from torch import fx
 
 from ..context import PassContext
 from ..errors import PlanError
-from ..graph import add_constant, constant, real_users, stable_name
+from ..graph import add_constant, channel_width, constant, names_of_kind, real_users, stable_name
 from ..ops import bind, set_argument
+from ..plan import Decision, PlanAction, check_channels
 
 
 def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -22,9 +24,7 @@ def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
     for decision in ctx.plan.decisions:
         if decision.action != "zero_channels":
             continue
-        channels = decision.params.get("channels")
-        if not isinstance(channels, list) or not channels or not all(isinstance(c, int) for c in channels):
-            raise PlanError(f"zero_channels at {decision.target} needs params {{'channels': [int, ...]}}")
+        channels = decision.params["channels"]
         source = bind(nodes[decision.target])["input"]
         call = bind(source) if isinstance(source, fx.Node) else None
         params = {"batch_norm": ("weight", "bias"), "conv": ("weight", "bias"), "linear": ("weight", "bias")}
@@ -45,3 +45,10 @@ def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
         ctx.record([decision.target, stable_name(source)], False, f"{len(channels)} channels zeroed")
         changed = True
     return changed
+
+
+def _validate(decision: Decision, node: fx.Node) -> None:
+    check_channels(decision, channel_width(node))
+
+
+ZERO_CHANNELS = PlanAction("zero_channels", zero_channels, lambda gm: names_of_kind(gm, "activation"), _validate)
