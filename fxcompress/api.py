@@ -12,7 +12,7 @@ from .errors import OptionError
 from .graph import annotate_names
 from .pipeline import activation_names as graph_activation_names, compress_graph
 from .plan import Plan
-from .planner import PLANNER_OPTIONS, find_plan
+from .planner import PLANNER_OPTIONS, check_max_error, find_plan
 from .report import Report
 from .tokens import TokenConfig, reduce_tokens
 
@@ -41,6 +41,7 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
         raise OptionError("pass either config or keyword options, not both")
     config = config or CompressConfig.from_options(options)
     example_inputs = check_inputs(model, example_inputs)
+    check_max_error(max_error)
     plan = Plan.load(plan)
     if criterion is not None:
         if plan.decisions:

@@ -23,7 +23,32 @@ def check_inputs(model, example_inputs) -> tuple:
     if isinstance(model, torch.nn.Module) and model.training:
         raise CaptureError(f"{type(model).__name__} is in training mode (BatchNorm statistics and dropout are "
                            "live); call model.eval() before compressing it")
+    if isinstance(model, torch.export.ExportedProgram):
+        check_program_inputs(model, example_inputs)
     return tuple(example_inputs)
+
+
+def _describe(value) -> str:
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    return f"({', '.join(map(str, value.shape))}) {str(value.dtype).removeprefix('torch.')}"
+
+
+def check_program_inputs(program: torch.export.ExportedProgram, example_inputs) -> None:
+    """Refuse example inputs whose number, shapes (symbolic dimensions aside) or dtypes differ from those
+    a saved ExportedProgram was exported with: its guards would fail deep inside the passes."""
+    names = set(program.graph_signature.user_inputs)
+    expected = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    if len(expected) != len(example_inputs):
+        raise CaptureError(f"the ExportedProgram takes {len(expected)} input(s), got {len(example_inputs)}")
+    for index, (spec, value) in enumerate(zip(expected, example_inputs)):
+        if not isinstance(spec, torch.Tensor):
+            continue
+        fits = isinstance(value, torch.Tensor) and value.dtype == spec.dtype and value.dim() == spec.dim() and \
+            all(not isinstance(size, int) or size == actual for size, actual in zip(spec.shape, value.shape))
+        if not fits:
+            raise CaptureError(f"the ExportedProgram takes input {index} of shape {_describe(spec)}, got "
+                               f"{_describe(value)}; pass inputs of the shapes it was exported with")
 
 
 def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 from .api import activation_names, compress
 from .backends import LOWERINGS, lower_module
 from .backends.onnxruntime import export_onnx
+from .backends.precision import PRECISIONS, cast
 from .backends.tensorrt import save_engine
-from .errors import FxCompressError
+from .errors import FxCompressError, OptionError
 from .measure import measure
 from .models import load_model
 from .plan import Plan
@@ -50,7 +52,30 @@ def _latency_summary(timing: dict) -> dict:
             "threads": timing["machine"]["threads"]}
 
 
+def _check_output_folder(option: str, folder: Path) -> None:
+    """Refuse, before any work, a folder that cannot be created or written."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise OptionError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"{option} {folder}: folder {existing} is not writable")
+
+
+def _check_output_file(option: str, path: str | None) -> None:
+    """Refuse, before any work, a file path whose folder is missing or not writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise OptionError(f"{option} {path} is a folder; expected the path of a file to write")
+    if not path.parent.is_dir():
+        raise OptionError(f"{option} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise OptionError(f"{option} {path} is not writable")
+
+
 def demo(args) -> int:
+    _check_output_file("--report", args.report)
     model = load_model(args.model)
     example = _example(args)
     result = _compress(args, model, example)
@@ -65,7 +90,24 @@ def demo(args) -> int:
     return 0
 
 
+def _in_precision(module, example, precision: str) -> tuple:
+    """A copy of `module` and `example` cast to `precision`, checked to run here."""
+    if precision == "fp32":
+        return module, example
+    module, example = cast(module, example, precision)
+    try:
+        with torch.no_grad():
+            module(*example)
+    except RuntimeError as error:
+        raise OptionError(f"--precision {precision}: the compressed model does not run in {PRECISIONS[precision]} "
+                          f"on this machine ({str(error).strip().splitlines()[0]}); use fp32") from error
+    return module, example
+
+
 def write_artifact(module, example, backend: str, out: Path, precision: str) -> Path:
+    """The deployment artifact in `precision`: weights and floating-point inputs cast (TensorRT: the engine's)."""
+    if backend != "tensorrt":
+        module, example = _in_precision(module, example, precision)
     if backend == "onnxruntime":
         return export_onnx(module, example, out / "model.onnx")
     if backend == "tensorrt":
@@ -78,6 +120,10 @@ def write_artifact(module, example, backend: str, out: Path, precision: str) -> 
 
 
 def compress_command(args) -> int:
+    if args.backend == "onnxruntime" and args.precision == "bf16":
+        raise OptionError("--precision bf16 is not supported with --backend onnxruntime (ONNX Runtime has no "
+                          "bfloat16 convolutions); use fp16 or fp32")
+    _check_output_folder("--out", Path(args.out))
     model = load_model(args.model)
     example = _example(args)
     result = _compress(args, model, example)
@@ -92,6 +138,7 @@ def compress_command(args) -> int:
 
 
 def bench_command(args) -> int:
+    _check_output_file("--json", args.json)
     model = load_model(args.model)
     rows = []
     for batch in args.batch_sizes:
@@ -110,8 +157,33 @@ def bench_command(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    wrong = argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise wrong from None
+    if value < 1:
+        raise wrong
+    return value
+
+
 def _batch_sizes(text: str) -> list[int]:
-    return [int(b) for b in text.split(",")]
+    try:
+        return [_positive_int(b) for b in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    wrong = argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise wrong from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise wrong
+    return value
 
 
 def _lowerings(text: str) -> list[str]:
@@ -132,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("model", nargs="?", default=default_model,
                          help="pretrained_mobilenet_v2, a torchvision model name (random weights), "
                               "package.module:factory, or a saved ExportedProgram (.pt2)")
-        sub.add_argument("--size", type=int, default=224, help="input resolution (inputs are N x 3 x S x S)")
+        sub.add_argument("--size", type=_positive_int, default=224, help="input resolution (inputs are N x 3 x S x S)")
         sub.add_argument("--plan", help="a plan JSON file to apply")
-        sub.add_argument("--linearize-fraction", type=float, default=0.0,
+        sub.add_argument("--linearize-fraction", type=_fraction, default=0.0,
                          help="linearise the deepest fraction of activations (a latency study, not accuracy)")
         sub.add_argument("--force", action="store_true", help="merge even where MACs would grow")
         sub.add_argument("--allow-approximate", action="store_true", help="allow border-approximate conv merges")
@@ -143,24 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = command("demo", demo, "compress a model with the exact passes and time it (default)",
                           "pretrained_mobilenet_v2")
-    demo_parser.add_argument("--batch", type=int, default=1)
+    demo_parser.add_argument("--batch", type=_positive_int, default=1)
     demo_parser.add_argument("--lowering", choices=list(LOWERINGS), default="eager")
-    demo_parser.add_argument("--repeats", type=int, default=20)
+    demo_parser.add_argument("--repeats", type=_positive_int, default=20)
     demo_parser.add_argument("--report", help="also write the report as JSON to this path")
 
     compress_parser = command("compress", compress_command, "compress a model and write artifact, plan, report",
                               None)
-    compress_parser.add_argument("--batch", type=int, default=1)
+    compress_parser.add_argument("--batch", type=_positive_int, default=1)
     compress_parser.add_argument("--backend", choices=list(LOWERINGS), default="eager",
                                  help="artifact: .pt2 (eager, inductor), .onnx (onnxruntime), TensorRT")
-    compress_parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                                 help="TensorRT engine precision")
+    compress_parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                                 help="artifact precision: weights and inputs cast (bf16 not with onnxruntime)")
     compress_parser.add_argument("--out", default="fxcompress-out", help="output folder")
 
     bench_parser = command("bench", bench_command, "time original vs compressed", None)
     bench_parser.add_argument("--backends", type=_lowerings, default=["eager"], help="comma-separated lowerings")
     bench_parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated")
-    bench_parser.add_argument("--repeats", type=int, default=20)
+    bench_parser.add_argument("--repeats", type=_positive_int, default=20)
     bench_parser.add_argument("--json", help="write the rows as JSON to this path")
     return parser
 

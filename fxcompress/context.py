@@ -18,14 +18,27 @@ class Calibration:
 
     Each batch is a tensor or a tuple whose first elements are the graph's inputs (a DataLoader's
     (images, labels) works: extra elements are dropped). A list or DataLoader can be read by several
-    passes; a one-shot iterator (a generator) only once.
+    passes; a one-shot iterator (a generator) only once. Given the `example` inputs, each batch must match
+    them in type, dtype and every dimension but the first (the batch size may differ).
     """
 
-    def __init__(self, batches: Iterable, progress: bool = False):
+    def __init__(self, batches: Iterable, progress: bool = False, example: tuple | None = None):
         if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
             raise OptionError("calibration must be an iterable of batches (a list or DataLoader), "
                               f"got {type(batches).__name__}")
-        self.batches, self.progress, self._used = batches, progress, False
+        self.batches, self.progress, self.example, self._used = batches, progress, example, False
+
+    def _check(self, index: int, batch: tuple) -> None:
+        for position, (value, example) in enumerate(zip(batch, self.example or ())):
+            if not isinstance(example, torch.Tensor):
+                continue
+            expected = f"({', '.join(['N', *map(str, example.shape[1:])])}) {_dtype(example)} like the example"
+            if not isinstance(value, torch.Tensor):
+                raise OptionError(f"calibration batch {index}: input {position} is a {type(value).__name__}; "
+                                  f"expected a tensor {expected}")
+            if value.dim() != example.dim() or value.shape[1:] != example.shape[1:] or value.dtype != example.dtype:
+                raise OptionError(f"calibration batch {index}: input {position} has shape "
+                                  f"({', '.join(map(str, value.shape))}) {_dtype(value)}; expected {expected}")
 
     def inputs(self, count: int, description: str = "") -> Iterator[tuple]:
         """Each batch as a tuple of `count` graph inputs, with a progress bar if asked for."""
@@ -37,14 +50,19 @@ class Calibration:
             from tqdm import tqdm
             batches = tqdm(batches, desc=description, leave=False)
         empty = True
-        for batch in batches:
+        for index, batch in enumerate(batches):
             batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
             if len(batch) < count:
                 raise OptionError(f"a calibration batch holds {len(batch)} tensors; the graph takes {count} inputs")
+            self._check(index, batch[:count])
             empty = False
             yield batch[:count]
         if empty:
             raise OptionError(f"calibration data is empty: {description or 'the analysis'} needs at least one batch")
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 @dataclass

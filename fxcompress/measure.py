@@ -11,8 +11,11 @@ import time
 from typing import Callable
 
 import torch
+from torch import fx
+from torch.nn.modules.batchnorm import _NormBase
 
-from .backends import lower_module
+from .backends import LOWERINGS, lower_module
+from .errors import OptionError, valid_choice
 
 
 def _timer(device: str) -> Callable[[Callable], float]:
@@ -62,14 +65,67 @@ def measure_latency(runners: dict[str, Callable], inputs: tuple, *, warmup: int 
     return results
 
 
-def measure(models: dict[str, torch.nn.Module], example_inputs: tuple, *, lowering: str = "eager",
+def _check_device(device: str) -> str:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise OptionError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from error
+    valid_choice("device", kind, ("cpu", "cuda"))
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device {device!r} is not available here (CUDA is not); valid: cpu")
+    return kind
+
+
+def _check_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs or \
+            not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise OptionError("example_inputs must be a tensor or a non-empty tuple of tensors, "
+                          f"got {type(example_inputs).__name__}")
+    return tuple(example_inputs)
+
+
+def _check_model(name: str, model) -> torch.nn.Module:
+    """The module to run; refused where running it would write to it (a BatchNorm in training mode)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()  # a graph whose mode was fixed when it was captured
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"model {name!r} is a {type(model).__name__}, not a torch.nn.Module or ExportedProgram")
+    live = [(path, module) for path, module in model.named_modules()
+            if module.training and (path == "" and not isinstance(module, fx.GraphModule) or
+                                    isinstance(module, _NormBase) and module.track_running_stats)]
+    if live:
+        path, module = live[0]
+        where = f"submodule {path!r} ({type(module).__name__}) of model {name!r}" if path else \
+            f"model {name!r} ({type(model).__name__})"
+        raise OptionError(f"{where} is in training mode (BatchNorm statistics and dropout are live); "
+                          "call model.eval() before measuring it")
+    return model
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+    for option, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise OptionError(f"option {option!r} must be an int >= {least}, got {value!r}")
+
+
+def measure(models: dict[str, torch.nn.Module], example_inputs, *, lowering: str = "eager",
             warmup: int = 3, repeats: int = 20, device: str = "cpu") -> dict:
     """Lower every model with `lowering` and time them interleaved; the first is the baseline.
 
+    `example_inputs` is a tensor or a tuple of tensors, as for `compress`. Models are nn.Modules in eval mode
+    (a BatchNorm in training mode is refused: measuring never writes to a model) or ExportedPrograms.
     Returns {"results": {name: {median_ms, q1_ms, q3_ms, ratio}}, "lowering", "batch", "device", "machine"}.
     """
-    inputs = tuple(t.to(device) for t in example_inputs)
-    runners = {name: lower_module(model if device == "cpu" else copy.deepcopy(model).to(device), inputs, lowering)
-               for name, model in models.items()}
-    return {"results": measure_latency(runners, inputs, warmup=warmup, repeats=repeats, device=device),
+    if not isinstance(models, dict) or not models:
+        raise OptionError("models must be a non-empty dict of name -> torch.nn.Module")
+    valid_choice("lowering", lowering, LOWERINGS)
+    _check_counts(warmup, repeats)
+    kind = _check_device(device)
+    modules = {name: _check_model(name, model) for name, model in models.items()}
+    inputs = tuple(t.to(device) for t in _check_inputs(example_inputs))
+    runners = {name: lower_module(model if kind == "cpu" else copy.deepcopy(model).to(device), inputs, lowering)
+               for name, model in modules.items()}
+    return {"results": measure_latency(runners, inputs, warmup=warmup, repeats=repeats, device=kind),
             "lowering": lowering, "batch": int(inputs[0].shape[0]), "device": device, "machine": machine()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -50,12 +51,37 @@ def load_model(reference: str):
     if reference == "pretrained_mobilenet_v2":
         return pretrained_mobilenet_v2()
     if reference.endswith(".pt2"):
-        if not Path(reference).is_file():
-            raise OptionError(f"no saved ExportedProgram at {reference}")
-        return torch.export.load(reference)
+        return _saved_program(reference)
     if ":" in reference:
         return _from_factory(reference)
     return torchvision_model(reference)
+
+
+def _saved_program(path: str) -> torch.export.ExportedProgram:
+    if not Path(path).is_file():
+        raise OptionError(f"no saved ExportedProgram at {path}")
+    problem = _not_a_program_archive(path)
+    if problem:  # checked first: torch.export.load logs a traceback on such files before it fails
+        raise OptionError(f"cannot read {path} as a saved ExportedProgram (torch.export.save): {problem}")
+    try:
+        return torch.export.load(path)
+    except Exception as error:  # a corrupt or foreign file fails in many ways; all mean "not readable"
+        raise OptionError(f"cannot read {path} as a saved ExportedProgram (torch.export.save): "
+                          f"{_first_line(error)}") from error
+
+
+def _not_a_program_archive(path: str) -> str:
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive"
+    with zipfile.ZipFile(path) as archive:
+        if not any(name.rpartition("/")[2] == "archive_format" for name in archive.namelist()):
+            return "a zip archive without the archive_format record of torch.export (a torch.save file?)"
+    return ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _from_factory(reference: str) -> torch.nn.Module:
@@ -64,15 +90,16 @@ def _from_factory(reference: str) -> torch.nn.Module:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise OptionError(f"cannot import {module_name!r} from model reference {reference!r}: {error}") from error
+    except (Exception, SystemExit) as error:  # user code: any failure at import means the reference is unusable
+        raise OptionError(f"cannot import {module_name!r} (model reference {reference!r}): "
+                          f"{_first_line(error)}") from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise OptionError(f"{module_name!r} has no callable {factory_name!r} (model reference {reference!r})")
     try:
         model = factory()
-    except Exception as error:  # user code: any failure means the reference is unusable
-        raise OptionError(f"{reference}() raised {type(error).__name__}: {error}") from error
+    except (Exception, SystemExit) as error:  # user code: any failure means the reference is unusable
+        raise OptionError(f"{reference}() raised {_first_line(error)}") from error
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

@@ -172,6 +172,18 @@ def _candidates(gm: fx.GraphModule, criterion: str, max_error: float, aggregate:
     return sorted(found, key=lambda c: (not c.unlocks_merge, c.score))
 
 
+def check_number(kind: str, value) -> None:
+    """Refuse a value that is not a real number (a str, a bool, None) before any comparison with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{kind} must be a number, got {value!r} ({type(value).__name__})")
+
+
+def check_max_error(max_error) -> None:
+    check_number("option 'max_error'", max_error)
+    if not 0 <= max_error < 1:
+        raise OptionError(f"option 'max_error' must be in [0, 1), got {max_error!r}")
+
+
 def _check_budget(criterion, activations, macs_ratio, max_drop, evaluator) -> None:
     given = [name for name, value in (("activations", activations), ("macs_ratio", macs_ratio),
                                       ("max_drop", max_drop)) if value is not None]
@@ -182,6 +194,9 @@ def _check_budget(criterion, activations, macs_ratio, max_drop, evaluator) -> No
                           "with evaluator=")
     if activations is not None and (not isinstance(activations, int) or activations < 0):
         raise OptionError(f"budget 'activations' must be an int >= 0, got {activations!r}")
+    for name, value in (("macs_ratio", macs_ratio), ("max_drop", max_drop)):
+        if value is not None:
+            check_number(f"budget {name!r}", value)
     if macs_ratio is not None and not 0 < macs_ratio <= 1:
         raise OptionError(f"budget 'macs_ratio' must be in (0, 1], got {macs_ratio!r}")
     if max_drop is not None and not callable(evaluator):
@@ -196,10 +211,9 @@ def plan_graph(gm: fx.GraphModule, example_inputs, *, criterion: str = "bn", cal
     valid_choice("criterion", criterion, CRITERIA)
     valid_choice("aggregate", aggregate, AGGREGATES)
     _check_budget(criterion, activations, macs_ratio, max_drop, evaluator)
-    if not 0 <= max_error < 1:
-        raise OptionError(f"option 'max_error' must be in [0, 1), got {max_error!r}")
+    check_max_error(max_error)
     config = config or CompressConfig()
-    calibration = None if calibration is None else Calibration(calibration, progress)
+    calibration = None if calibration is None else Calibration(calibration, progress, tuple(example_inputs))
     analyses = _ANALYSES[criterion]
     if criterion == "bn" and calibration is not None:
         analyses = ("annotate_entropy",) + analyses  # calibration mean/std stand in for norm-free layers

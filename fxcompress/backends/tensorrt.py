@@ -6,13 +6,10 @@ built by casting the model and inputs first.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..errors import MissingDependencyError, valid_choice
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .precision import PRECISIONS, cast
 
 
 def _require():
@@ -28,10 +25,8 @@ def _require():
 def compile_arguments(model, example_inputs, precision: str, device: str) -> tuple:
     """(model copy, kwargs) for `torch_tensorrt.compile`: cast to the precision, moved to the device."""
     valid_choice("TensorRT precision", precision, PRECISIONS)
-    dtype = PRECISIONS[precision]
-    model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    inputs = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example_inputs]
-    return model, {"ir": "dynamo", "inputs": inputs}
+    model, inputs = cast(model, example_inputs, precision, device)
+    return model.eval(), {"ir": "dynamo", "inputs": list(inputs)}
 
 
 def module(model, example_inputs, precision: str = "fp32", device: str = "cuda"):
