@@ -146,6 +146,8 @@ class Pipeline:
         return relative_error(self.state.reference, outputs(gm, self.samples)) > self.tolerance
 
     def run(self) -> tuple[fx.GraphModule, Report]:
+        if self.plan.decisions:
+            self.run_pass("fold_constants")  # the plan passes read weights too (a pruned conv's, say)
         for action, pass_name in PLAN_PASSES.items():
             if self.plan.targets(action):
                 self.run_pass(pass_name, verify=False)
