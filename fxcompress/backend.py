@@ -23,7 +23,7 @@ from torch import fx
 from .backends import GRAPH_LOWERINGS, lower_graph
 from .config import CompressConfig
 from .errors import OptionError, valid_choice
-from .graph import annotate_names, annotate_shapes, graph_inputs, is_guard
+from .graph import annotate_names, annotate_shapes, graph_inputs, is_guard, writes_in_place
 from .ops import bind
 from .pipeline import compress_graph
 from .plan import Plan
@@ -84,7 +84,8 @@ def _criterion(criterion, max_error, plan: Plan) -> float | None:
 
 
 def weight_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
-    """Indices of placeholders used only as weights, biases or statistics of ops the passes rewrite."""
+    """Indices of placeholders used only as weights, biases or statistics of ops the passes rewrite, directly
+    or through ops that compute a weight from them (a prune mask, weight_norm: `fold_constants` folds those)."""
     indices = []
     for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
         uses = [user for user in node.users if not is_guard(user)]
@@ -107,11 +108,21 @@ def scalar_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
 def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
     call = bind(user)
     if call is None or call.kind not in ("conv", "linear", "batch_norm"):
-        return False
+        return _is_derived_weight(user)
     if call.kind == "batch_norm" and call["training"] is not False:
         return False  # training mode updates the running statistics in place: they must stay the caller's
     return any(arg is value for name, arg in call.args.items() if name in WEIGHT_PARAMS) and \
         call.args.get("input") is not value
+
+
+def _is_derived_weight(node: fx.Node) -> bool:
+    """Whether `node` computes a weight from weights (weight_orig * weight_mask of a pruned conv, a
+    weight_norm): no in-place write, and every use a weight use or the graph output (where dynamo returns
+    the weight that a forward pre-hook stores on the module)."""
+    if node.op not in ("call_function", "call_method") or writes_in_place(node):
+        return False
+    uses = [user for user in node.users if not is_guard(user)]
+    return bool(uses) and all(user.op == "output" or _is_weight_use(user, node) for user in uses)
 
 
 def bake_weights(gm: fx.GraphModule, example_inputs, weights: list[int], scalars: list[int] = ()

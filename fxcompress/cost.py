@@ -58,7 +58,8 @@ class LatencyTable:
         if isinstance(spec, LinearSpec):
             return f"{self.lowering}|{self.device}|linear|{tuple(spec.weight.shape)}|{spec.bias is not None}|{shape}"
         return (f"{self.lowering}|{self.device}|conv|{tuple(spec.weight.shape)}|g{spec.groups}|s{spec.stride}"
-                f"|p{spec.padding}|{spec.bias is not None}|{spec.bias_map is not None}|{shape}|{spec.weight.dtype}")
+                f"|p{spec.padding}{f'|d{spec.dilation}' if spec.is_dilated else ''}"
+                f"|{spec.bias is not None}|{spec.bias_map is not None}|{shape}|{spec.weight.dtype}")
 
     def _measure(self, spec, in_shape) -> float:
         from .measure import measure

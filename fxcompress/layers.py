@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from .graph import add_constant, constant, real_users, stable_name, tensor_shape
-from .merge_math import ConvSpec
+from .merge_math import ConvSpec, numeric_padding
 from .ops import CONV_BY_DIMS, OpCall, aten, as_tuple, bind, conv_with_bias_map
 
 
@@ -42,17 +42,19 @@ def read_conv(gm: fx.GraphModule, call: OpCall) -> ConvSpec | NoMatch:
     dims = weight.dim() - 2
     if call.args.get("transposed"):
         return NoMatch("transposed convolution")
-    if isinstance(call["padding"], str):
-        return NoMatch(f"padding={call['padding']!r} is not numeric")
-    if any(d != 1 for d in as_tuple(call.args.get("dilation", 1), dims)):
-        return NoMatch("dilated convolution")
+    stride, dilation = as_tuple(call["stride"], dims), as_tuple(call.args.get("dilation", 1), dims)
+    padding = call["padding"]
+    if isinstance(padding, str):
+        try:
+            padding = numeric_padding(padding, weight.shape[2:], stride, dilation)
+        except ValueError as error:
+            return NoMatch(str(error))
     bias, why = _optional_constant(gm, call["bias"], "conv bias")
     bias_map, why_map = _optional_constant(gm, call.args.get("bias_map"), "bias map")
     if why or why_map:
         return NoMatch(why or why_map)
-    return ConvSpec(weight.detach(), None if bias is None else bias.detach(), as_tuple(call["stride"], dims),
-                    as_tuple(call["padding"], dims), int(call["groups"]),
-                    None if bias_map is None else bias_map.detach()[0])
+    return ConvSpec(weight.detach(), None if bias is None else bias.detach(), stride, as_tuple(padding, dims),
+                    int(call["groups"]), None if bias_map is None else bias_map.detach()[0], dilation)
 
 
 def read_linear(gm: fx.GraphModule, call: OpCall) -> LinearSpec | NoMatch:
@@ -79,7 +81,7 @@ def emit_conv(gm: fx.GraphModule, input: fx.Node, spec: ConvSpec, *, replacing: 
     with gm.graph.inserting_before(replacing):
         if spec.bias_map is None:
             node = gm.graph.call_function(CONV_BY_DIMS[dims], (input, weight, bias, list(spec.stride),
-                                                               list(spec.padding), [1] * dims, spec.groups))
+                                                               list(spec.padding), list(spec.dilation), spec.groups))
         else:
             bias_map = add_constant(gm, f"{hint}_bias_map", spec.bias_map.unsqueeze(0), before=replacing)
             node = gm.graph.call_function(conv_with_bias_map, (input, weight, bias, list(spec.stride),

@@ -22,7 +22,7 @@ def _conv_function(spatial_dims: int) -> Callable[..., Tensor]:
 
 @dataclass(frozen=True, eq=False)
 class ConvSpec:
-    """y = conv(x, weight, bias, stride, padding, groups) + bias_map."""
+    """y = conv(x, weight, bias, stride, padding, dilation, groups) + bias_map; dilation () means all 1."""
 
     weight: Tensor
     bias: Tensor | None
@@ -30,15 +30,18 @@ class ConvSpec:
     padding: tuple[int, ...]
     groups: int = 1
     bias_map: Tensor | None = None
+    dilation: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _conv_function(self.spatial_dims)
         object.__setattr__(self, "stride", tuple(int(s) for s in self.stride))
         object.__setattr__(self, "padding", tuple(int(p) for p in self.padding))
-        if len(self.stride) != self.spatial_dims or len(self.padding) != self.spatial_dims:
-            raise ValueError(
-                f"stride {self.stride} and padding {self.padding} need {self.spatial_dims} entries each"
-            )
+        object.__setattr__(self, "dilation", tuple(int(d) for d in self.dilation) or (1,) * self.spatial_dims)
+        if {len(self.stride), len(self.padding), len(self.dilation)} != {self.spatial_dims}:
+            raise ValueError(f"stride {self.stride}, padding {self.padding} and dilation {self.dilation} need "
+                             f"{self.spatial_dims} entries each")
+        if self.is_dilated and self.bias_map is not None:
+            raise ValueError("a bias_map comes from merging dilation-1 convs; this conv is dilated")
         if self.groups < 1 or self.out_channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide out_channels={self.out_channels}")
         if self.bias is not None and tuple(self.bias.shape) != (self.out_channels,):
@@ -66,9 +69,13 @@ class ConvSpec:
     def spatial_dims(self) -> int:
         return self.weight.dim() - 2
 
+    @property
+    def is_dilated(self) -> bool:
+        return any(d != 1 for d in self.dilation)
+
     def __call__(self, x: Tensor) -> Tensor:
         conv = _conv_function(self.spatial_dims)
-        y = conv(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        y = conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return y if self.bias_map is None else y + self.bias_map
 
     def check_bias_map(self, out_size: Sequence[int]) -> None:
@@ -79,7 +86,34 @@ class ConvSpec:
 
     def without_bias(self) -> ConvSpec:
         """The same convolution with neither bias nor bias_map: its purely linear part."""
-        return ConvSpec(self.weight, None, self.stride, self.padding, self.groups)
+        return ConvSpec(self.weight, None, self.stride, self.padding, self.groups, dilation=self.dilation)
+
+    def with_weights(self, weight: Tensor, bias: Tensor | None, bias_map: Tensor | None = None) -> ConvSpec:
+        """The same convolution (stride, padding, dilation, groups) with new weights."""
+        return ConvSpec(weight, bias, self.stride, self.padding, self.groups, bias_map, self.dilation)
+
+
+def numeric_padding(
+    padding: str, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, ...]:
+    """The symmetric padding equal to padding="valid" or "same"; ValueError where there is none."""
+    if padding == "valid":
+        return (0,) * len(kernel)
+    if padding != "same":
+        raise ValueError(f"padding={padding!r} is not 'same' or 'valid'")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding='same' with stride {tuple(stride)} (needs stride 1)")
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {tuple(kernel)} and dilation {tuple(dilation)} pads "
+                         "asymmetrically (even kernel)")
+    return tuple(t // 2 for t in total)
+
+
+def _require_dilation_one(*specs: ConvSpec) -> None:
+    for spec in specs:
+        if spec.is_dilated:
+            raise ValueError(f"dilated convolution (dilation {spec.dilation}): merging needs dilation 1")
 
 
 def conv_output_size(
@@ -208,6 +242,7 @@ def compose_conv(
 
     mid_size is the spatial size of first's output; in_size, when given, is checked against it.
     """
+    _require_dilation_one(first, second)
     if first.spatial_dims != second.spatial_dims:
         raise ValueError(f"first has {first.spatial_dims} spatial dims, second has {second.spatial_dims}")
     if second.in_channels != first.out_channels:
@@ -266,6 +301,7 @@ def _place_kernel(dense_weight: Tensor, offset: Sequence[int], kernel: Sequence[
 
 def add_parallel_convs(a: ConvSpec, b: ConvSpec, in_size: Sequence[int]) -> ConvSpec:
     """a(x) + b(x) as one conv, exact, for inputs of spatial size in_size."""
+    _require_dilation_one(a, b)
     if a.spatial_dims != b.spatial_dims:
         raise ValueError(f"spatial dims differ: {a.spatial_dims} vs {b.spatial_dims}")
     if a.stride != b.stride:

@@ -58,7 +58,8 @@ def _register(targets, spec: OpSpec) -> None:
 
 
 for _dims in (1, 2, 3):
-    _register([getattr(torch, f"conv{_dims}d"), getattr(aten, f"conv{_dims}d").default],
+    _register([getattr(torch, f"conv{_dims}d"), getattr(aten, f"conv{_dims}d").default,
+               getattr(aten, f"conv{_dims}d").padding],  # .padding: padding="same" or "valid"
               OpSpec("conv", "conv", _CONV, _CONV_DEFAULTS))
 _register([aten.convolution.default], OpSpec(
     "conv", "conv", ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",

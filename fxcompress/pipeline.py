@@ -144,6 +144,8 @@ class Pipeline:
         return relative_error(self.state.reference, outputs(gm, self.samples)) > self.tolerance
 
     def run(self) -> tuple[fx.GraphModule, Report]:
+        if self.plan.decisions:
+            self.run_pass("fold_constants")  # the plan passes read weights too (a pruned conv's, say)
         for action in PLAN_ACTIONS:
             if self.plan.targets(action):
                 self.run_pass(action, verify=False)

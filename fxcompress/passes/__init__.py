@@ -5,6 +5,7 @@ from .annotate_bn_state import annotate_bn_state
 from .annotate_entropy import annotate_entropy
 from .cleanup import cleanup
 from .fold_batchnorm import fold_batchnorm
+from .fold_constants import fold_constants
 from .linearize import LINEARIZE
 from .merge_conv_chain import merge_conv_chain
 from .merge_linear_chain import merge_linear_chain
@@ -19,11 +20,13 @@ from .zero_channels import ZERO_CHANNELS
 PLAN_ACTIONS = {action.name: action for action in (REMOVE_BLOCK, REMOVE_CHANNELS, ZERO_CHANNELS, LINEARIZE,
                                                    MERGE_TOKENS)}
 
-PASSES = {**{fn.__name__: fn for fn in (cleanup, fold_batchnorm, merge_linear_chain, merge_conv_chain,
-                                        absorb_residual, annotate_entropy, annotate_bn_state,
+PASSES = {**{fn.__name__: fn for fn in (fold_constants, cleanup, fold_batchnorm, merge_linear_chain,
+                                        merge_conv_chain, absorb_residual, annotate_entropy, annotate_bn_state,
                                         annotate_block_distance)},
           **{name: action.apply for name, action in PLAN_ACTIONS.items()}}
 
 # Exact passes, repeated in this order until none changes the graph: absorbing a shortcut can turn a
-# fan-out into a chain that merges further.
-EXACT_PIPELINE = ("cleanup", "fold_batchnorm", "merge_linear_chain", "merge_conv_chain", "absorb_residual")
+# fan-out into a chain that merges further. Weights computed from constants (prune masks, weight_norm) are
+# folded first so that the merges can read them.
+EXACT_PIPELINE = ("fold_constants", "cleanup", "fold_batchnorm", "merge_linear_chain", "merge_conv_chain",
+                  "absorb_residual")

@@ -1,9 +1,12 @@
 """fold_batchnorm: fold an eval-mode BatchNorm into the conv or linear that feeds it.
 
 W' = s * W and b' = s * (b - mean) + beta with s = gamma / sqrt(var + eps), per output channel
-(`merge_math.fold_batchnorm`). Needs: the producer's only user is the BatchNorm; weights and statistics
-are constants; for a linear producer, a 2-d output (BatchNorm1d over features). Does not handle a
-BatchNorm before its conv (pre-activation networks) nor one in training mode.
+(`merge_math.fold_batchnorm`); stride, padding and dilation do not matter to a fold. Needs: the producer's
+only user is the BatchNorm; weights and statistics are constants (`fold_constants` first turns weights
+computed from parameters alone, such as prune masks and weight_norm, into constants); a conv readable by
+`layers.read_conv` (padding "same" with an even kernel is not); for a linear producer, a 2-d output
+(BatchNorm1d over features). Does not handle a BatchNorm before its conv (pre-activation networks) nor one
+in training mode. A site it cannot read is skipped with the reason.
 """
 import torch
 from torch import fx
@@ -44,8 +47,10 @@ def _match(gm: fx.GraphModule, bn: OpCall):
         return NoMatch("batch_norm after a linear whose output is not 2-d")
     spec = read_conv(gm, producer) if producer.kind == "conv" else read_linear(gm, producer)
     statistics = _statistics(gm, bn)
-    if not spec or not statistics:
-        return spec or statistics
+    if not spec:
+        return spec
+    if not statistics:
+        return statistics
     return producer, spec, statistics
 
 
@@ -69,8 +74,8 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> bool:
         if isinstance(spec, ConvSpec):
             scale = (1.0 if gamma is None else gamma) / torch.sqrt(var + eps)
             bias_map = None if spec.bias_map is None else spec.bias_map * scale.reshape(-1, *[1] * spec.spatial_dims)
-            new = emit_conv(gm, producer["input"], ConvSpec(weight, bias, spec.stride, spec.padding, spec.groups,
-                                                            bias_map), replacing=producer.node)
+            new = emit_conv(gm, producer["input"], spec.with_weights(weight, bias, bias_map),
+                            replacing=producer.node)
         else:
             new = emit_linear(gm, producer["input"], LinearSpec(weight, bias), replacing=producer.node)
         producer_name = stable_name(producer.node)

@@ -5,7 +5,8 @@ is exact when the second conv has no padding, or when the first kernel is 1x1 (t
 by an input-independent bias map for the captured resolution); otherwise it is approximate on the border
 ring and applied only with `allow_approximate`. `chains.segment_chain` picks the segments: cheapest in
 cost (MACs or measured latency, see `cost.py`) with no more parameters, or fewest convs with `force`. Reads `meta.SHAPE` (spatial sizes). Does not merge
-across a fan-out, a pooling or any op missing from the op table; dilated and transposed convs stay.
+across a fan-out, a pooling or any op missing from the op table; dilated convs (refused with a reason:
+the composition is for dilation 1) and transposed convs stay.
 """
 from torch import fx
 
@@ -28,6 +29,9 @@ def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
         refusals: dict[int, str] = {}
 
         def compose(merged: ConvSpec, spec: ConvSpec, j: int):
+            if merged.is_dilated or spec.is_dilated:
+                refusals[j] = "a dilated convolution (merging needs dilation 1)"
+                return None
             result, exact = compose_conv(merged, spec, sizes[j - 1])
             if max(result.kernel_size) > config.max_kernel_size:
                 refusals[j] = f"merged kernel {result.kernel_size} exceeds max_kernel_size"
