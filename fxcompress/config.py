@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .errors import OptionError, valid_choice
+from .errors import OptionError, finite_number, valid_choice
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class CompressConfig:
             expected = {"bool": bool, "int": int, "float": (int, float), "str": str}[field.type]
             if not isinstance(value, expected) or (field.type != "bool" and isinstance(value, bool)):
                 raise OptionError(f"option {field.name!r} must be {field.type}, got {value!r}")
+            if field.type == "float":
+                finite_number(f"option {field.name!r}", value)
         if self.max_kernel_size < 1:
             raise OptionError(f"option 'max_kernel_size' must be >= 1, got {self.max_kernel_size}")
         valid_choice("cost_model", self.cost_model, ("macs", "latency"))

@@ -1,4 +1,6 @@
 """Typed errors: each names the option, node, pass or package at fault."""
+import math
+from numbers import Real
 
 
 class FxCompressError(Exception):
@@ -28,3 +30,11 @@ class MissingDependencyError(FxCompressError, ImportError):
 def valid_choice(kind: str, value: object, choices) -> None:
     if value not in choices:
         raise OptionError(f"unknown {kind} {value!r}; valid: {', '.join(sorted(map(str, choices)))}")
+
+
+def finite_number(what: str, value: object) -> float:
+    """`value` as a float if it is a finite real number (not a bool); else an OptionError that `what` (e.g.
+    "option 'alpha'") must be one."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise OptionError(f"{what} must be a finite number, got {value!r} ({type(value).__name__})")
+    return float(value)

@@ -84,7 +84,7 @@ _register([F.gelu, aten.gelu.default], _activation("gelu", "approximate"))
 _register([F.silu, aten.silu.default, aten.silu_.default], _activation("silu", "inplace"))
 _register([F.hardswish, aten.hardswish.default, aten.hardswish_.default], _activation("hardswish", "inplace"))
 _register([F.leaky_relu, aten.leaky_relu.default, aten.leaky_relu_.default],
-          _activation("leaky_relu", "negative_slope", "inplace"))
+          _activation("leaky_relu", "negative_slope", "inplace", negative_slope=0.01))
 
 _register([operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor],
           OpSpec("add", "add", _ADD, (("alpha", 1),)))
@@ -144,11 +144,42 @@ def bind(node: fx.Node) -> OpCall | None:
     return OpCall(spec.kind, spec.name, node, args, spec.tuple_output)
 
 
-def linear_range(call: OpCall) -> tuple[float, float]:
-    """[low, high] where an activation is (about) the identity; below `low` its output is (about) constant."""
+@dataclass(frozen=True)
+class ActivationRegions:
+    """What an activation outputs for its input z, the facts the criteria and the planner decide from.
+
+    Identity on [low, high] (only approximately where `below` is "approximately zero"); above `high` the
+    constant `high`; below `low`: "zero", the constant `value` ("constant"), `value` * z ("linear"), or
+    "approximately zero" (GELU, SiLU, Hardswish: not exactly 0 below nor exactly z above, so no state
+    of theirs is exact).
+    """
+
+    low: float
+    high: float
+    below: str  # zero | constant | linear | approximately zero
+    value: float = 0.0  # the constant below `low`, or the slope
+
+    @property
+    def exact(self) -> bool:
+        return self.below != "approximately zero"
+
+    def describe_below(self) -> str:
+        """What a channel below `low` outputs, in words."""
+        return {"zero": "0", "constant": f"the constant {self.value}", "linear": f"{self.value} * z",
+                "approximately zero": "approximately 0"}[self.below]
+
+
+def activation_regions(call: OpCall) -> ActivationRegions:
+    """The regions of a bound activation (see `ActivationRegions`)."""
     if call.name == "hardtanh":
-        return float(call["min_val"]), float(call["max_val"])
-    return 0.0, math.inf
+        low, high = float(call["min_val"]), float(call["max_val"])
+        return ActivationRegions(low, high, "zero" if low == 0 else "constant", low)
+    if call.name == "leaky_relu":
+        slope = float(call["negative_slope"])
+        return ActivationRegions(0.0, math.inf, "zero" if slope == 0 else "linear", slope)
+    if call.name == "relu":
+        return ActivationRegions(0.0, math.inf, "zero")
+    return ActivationRegions(0.0, math.inf, "approximately zero")
 
 
 def set_argument(node: fx.Node, param: str, value: Any) -> None:

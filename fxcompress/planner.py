@@ -1,12 +1,19 @@
 """From criterion scores and a budget to a `Plan`.
 
 Criteria (each an analysis pass, then candidates in order):
-- "entropy": linearise activations, lowest layer entropy first (EASIER); needs calibration data.
+- "entropy": linearise activations, lowest layer entropy first (EASIER); needs calibration data. The state
+  is z >= the lower end of the identity range (`ops.activation_regions`; the sign of z for LeakyReLU,
+  GELU, SiLU, Hardswish). Entropy ranks, it claims no exactness: linearising gives z where the activation
+  gave 0, a constant (Hardtanh), slope * z (LeakyReLU) or GELU(z), even in a layer of entropy 0 whose
+  channels are always below the range; the published method fine-tunes after each step.
 - "bn": TLC, data-free where a BatchNorm feeds the activation (calibration statistics stand in elsewhere):
   an activation whose channels are confidently on or off (with aggregate="max" every channel's error
   probability <= max_error; with "mean" the expected fraction of misjudged channels), none saturated, is
   linearised, its off channels handled first: removed structurally where every consumer of their channel
   group reads an activation output judged off for them, else zeroed in the op that feeds the activation.
+  Only an activation whose output below its identity range is exactly 0 (ReLU, ReLU6, Hardtanh(0, max))
+  may have off channels; a layer with off channels that output a nonzero constant (Hardtanh) or slope * z
+  (LeakyReLU) is refused, and GELU, SiLU and Hardswish, only approximately 0 or z, always are.
 - "ot": replace residual blocks by their shortcut, smallest LaCoOT block distance first; needs calibration.
 
 Budgets (at most one): `activations` (how many candidates to take), `macs_ratio` (take candidates until
@@ -19,6 +26,7 @@ delete an activation; the result counts both.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,9 +39,9 @@ from .capture import capture, check_inputs
 from .config import CompressConfig
 from .context import Calibration, PassContext
 from .criteria import OFF, ON
-from .errors import OptionError, valid_choice
+from .errors import OptionError, finite_number, valid_choice
 from .graph import annotate_names, annotate_shapes, real_users, stable_name
-from .ops import bind, linear_range
+from .ops import activation_regions, bind
 from .passes import PASSES
 from .pipeline import compress_graph
 from .plan import Decision, Plan
@@ -84,7 +92,7 @@ def _zero_at(node: fx.Node, channels: set[int], max_error: float) -> bool:
     call = bind(node)
     if call is not None and call.kind in ("pool", "dropout"):
         return _zero_at(call["input"], channels, max_error)
-    if call is None or call.kind != "activation" or linear_range(call)[0] != 0 or \
+    if call is None or call.kind != "activation" or activation_regions(call).below != "zero" or \
             meta.CHANNEL_STATES not in node.meta:
         return False
     states = node.meta[meta.CHANNEL_STATES]
@@ -121,9 +129,24 @@ def layer_error(states, aggregate: str) -> float:
     return float(states.error.max() if aggregate == "max" else states.error.mean())
 
 
+def _regions_refusal(node: fx.Node, off: list[int]) -> str | None:
+    """Why the activation's regions make its states inexact: only a zero below the identity range can be
+    removed or zeroed, and linearising is exact only where the output is z."""
+    call = bind(node)
+    regions = activation_regions(call)
+    if not regions.exact:
+        return f"{call.name} is only approximately 0 below {regions.low} and approximately z above it"
+    if off and regions.below != "zero":
+        return f"off channels {off} output {regions.describe_below()}, not 0: they can be neither removed " \
+               "nor zeroed, and linearising would make them z"
+    return None
+
+
 def _bn_candidate(gm: fx.GraphModule, node: fx.Node, max_error: float, aggregate: str) -> Candidate | str:
     states = node.meta[meta.CHANNEL_STATES]
     error = layer_error(states, aggregate)
+    if not math.isfinite(error):
+        return "channel error probability is not finite (non-finite BatchNorm weight or bias)"
     if error > max_error:
         return f"{aggregate} channel error probability {error:.3g} > max_error {max_error}"
     labels = states.states()
@@ -132,6 +155,9 @@ def _bn_candidate(gm: fx.GraphModule, node: fx.Node, max_error: float, aggregate
     off = [c for c, label in enumerate(labels) if label == OFF]
     if len(off) == len(labels):
         return "every channel is off: the layer is dead, not linear"
+    refusal = _regions_refusal(node, off)
+    if refusal is not None:
+        return refusal
     decisions = [Decision("linearize", stable_name(node))]
     if off:
         decision = _off_decision(gm, node, off, max_error)
@@ -172,16 +198,17 @@ def _candidates(gm: fx.GraphModule, criterion: str, max_error: float, aggregate:
     return sorted(found, key=lambda c: (not c.unlocks_merge, c.score))
 
 
-def check_number(kind: str, value) -> None:
-    """Refuse a value that is not a real number (a str, a bool, None) before any comparison with it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionError(f"{kind} must be a number, got {value!r} ({type(value).__name__})")
-
-
 def check_max_error(max_error) -> None:
-    check_number("option 'max_error'", max_error)
-    if not 0 <= max_error < 1:
+    if not 0 <= finite_number("option 'max_error'", max_error) < 1:
         raise OptionError(f"option 'max_error' must be in [0, 1), got {max_error!r}")
+
+
+def _score(evaluator: Callable, module: fx.GraphModule, which: str) -> float:
+    """The evaluator's score of the original or a compressed module: a finite number (or a one-element tensor)."""
+    score = evaluator(module)
+    if isinstance(score, torch.Tensor) and score.numel() == 1:
+        score = score.item()
+    return finite_number(f"the evaluator's score of the {which} model (higher is better)", score)
 
 
 def _check_budget(criterion, activations, macs_ratio, max_drop, evaluator) -> None:
@@ -194,13 +221,12 @@ def _check_budget(criterion, activations, macs_ratio, max_drop, evaluator) -> No
                           "with evaluator=")
     if activations is not None and (not isinstance(activations, int) or activations < 0):
         raise OptionError(f"budget 'activations' must be an int >= 0, got {activations!r}")
-    for name, value in (("macs_ratio", macs_ratio), ("max_drop", max_drop)):
-        if value is not None:
-            check_number(f"budget {name!r}", value)
-    if macs_ratio is not None and not 0 < macs_ratio <= 1:
+    if macs_ratio is not None and not 0 < finite_number("budget 'macs_ratio'", macs_ratio) <= 1:
         raise OptionError(f"budget 'macs_ratio' must be in (0, 1], got {macs_ratio!r}")
-    if max_drop is not None and not callable(evaluator):
-        raise OptionError("budget 'max_drop' needs evaluator=callable(module) -> score (higher is better)")
+    if max_drop is not None:
+        finite_number("budget 'max_drop'", max_drop)
+        if not callable(evaluator):
+            raise OptionError("budget 'max_drop' needs evaluator=callable(module) -> score (higher is better)")
 
 
 def plan_graph(gm: fx.GraphModule, example_inputs, *, criterion: str = "bn", calibration=None,
@@ -227,7 +253,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, *, criterion: str = "bn", cal
             return compress_graph(copy.deepcopy(gm), example_inputs, config, Plan(tuple(decisions), model))
 
     chosen: list[Candidate] = []
-    baseline = evaluator(gm) if max_drop is not None else None
+    baseline = _score(evaluator, gm, "original") if max_drop is not None else None
     for candidate in candidates:
         if activations is not None and len(chosen) >= activations:
             result.refused[candidate.target] = f"over the budget of {activations}"
@@ -237,7 +263,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, *, criterion: str = "bn", cal
             module, report = compressed([d for c in chosen + [candidate] for d in c.decisions])
             step["macs_ratio"] = report.after.macs / report.before.macs
             if max_drop is not None:
-                step["evaluation"] = evaluator(module)
+                step["evaluation"] = _score(evaluator, module, "compressed")
                 if baseline - step["evaluation"] > max_drop:
                     result.refused[candidate.target] = f"score drops {baseline - step['evaluation']:.4g} > max_drop"
                     continue

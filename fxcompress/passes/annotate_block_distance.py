@@ -5,9 +5,12 @@ of x, replays the graph with an `fx.Interpreter` over `ctx.calibration` and writ
 `meta.BLOCK_DISTANCE` the mean over batches of the max-sliced Wasserstein distance between x and y, each
 sample flattened (`criteria.block_distance`: POT, 50 projections, p = 2). A small distance marks a block
 that can be replaced by its shortcut (`remove_block`). Blocks that change the shape (downsampling) are
-skipped with the reason. Only annotates: returns False. For a differentiable regulariser during training
-call `criteria.block_distance` on the tensors directly.
+skipped with the reason; a non-finite distance raises an OptionError naming the block. Only annotates:
+returns False. For a differentiable regulariser during training call `criteria.block_distance` on the
+tensors directly.
 """
+import math
+
 import torch
 from torch import fx
 
@@ -15,6 +18,7 @@ from .. import meta
 from ..blocks import residual_block
 from ..context import PassContext
 from ..criteria import block_distance
+from ..errors import OptionError
 from ..graph import graph_inputs, is_guard, stable_name, tensor_shape
 
 
@@ -37,6 +41,13 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+def _finite(node: fx.Node, distance: float) -> float:
+    if not math.isfinite(distance):
+        raise OptionError(f"calibration data gives a non-finite block distance at {stable_name(node)!r} "
+                          f"({distance}); calibration batches must give finite values")
+    return distance
+
+
 def annotate_block_distance(gm: fx.GraphModule, ctx: PassContext) -> bool:
     blocks = {}
     for node in gm.graph.nodes:
@@ -55,5 +66,5 @@ def annotate_block_distance(gm: fx.GraphModule, ctx: PassContext) -> bool:
             recorder.run(*inputs)
     for node, distances in recorder.distances.items():
         if distances:
-            node.meta[meta.BLOCK_DISTANCE] = sum(distances) / len(distances)
+            node.meta[meta.BLOCK_DISTANCE] = _finite(node, sum(distances) / len(distances))
     return False

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..errors import OptionError, valid_choice
+from ..errors import OptionError, finite_number, valid_choice
 from ..token_merge import pool_count
 
 METHODS = ("folder", "tome", "pool", "drop")
@@ -48,13 +48,12 @@ class TokenConfig:
         if (self.ratio is None) == (self.tokens is None):
             raise OptionError("token reduction needs exactly one of 'ratio' (fraction of patch tokens removed) "
                               "or 'tokens' (tokens kept)")
-        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
-                                       or not 0 <= self.ratio < 1):
+        if self.ratio is not None and not 0 <= finite_number("token option 'ratio'", self.ratio) < 1:
             raise OptionError(f"token option 'ratio' must be a number in [0, 1), got {self.ratio!r}")
         if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
                                         or self.tokens < 1):
             raise OptionError(f"token option 'tokens' must be a positive int, got {self.tokens!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha < 0:
+        if finite_number("token option 'alpha'", self.alpha) < 0:
             raise OptionError(f"token option 'alpha' must be a number >= 0, got {self.alpha!r}")
         if self.alpha and self.method not in ("folder", "tome"):
             raise OptionError(f"token option 'alpha' applies to methods folder and tome, not {self.method!r}")
