@@ -244,10 +244,11 @@ def block():
 @pytest.mark.parametrize("options, message", [
     ({"max_error": "0.1"}, r"option 'max_error' must be a finite number, got '0.1' \(str\)"),
     ({"max_error": "0.1", "criterion": "bn"}, r"option 'max_error' must be a finite number, got '0.1' \(str\)"),
-    ({"max_error": math.nan, "criterion": "bn"}, r"option 'max_error' must be in \[0, 1\), got nan"),
+    ({"max_error": math.nan, "criterion": "bn"}, r"option 'max_error' must be a finite number, got nan"),
     ({"max_error": True, "criterion": "bn"}, r"option 'max_error' must be a finite number, got True \(bool\)"),
-    ({"criterion": "bn", "planner": {"macs_ratio": "0.5"}}, r"budget 'macs_ratio' must be a finite number, got '0.5'"),
-    ({"criterion": "bn", "planner": {"macs_ratio": math.nan}}, r"budget 'macs_ratio' must be in \(0, 1\], got nan"),
+    ({"criterion": "bn", "planner": {"macs_ratio": "0.5"}},
+     r"budget 'macs_ratio' must be a finite number, got '0.5'"),
+    ({"criterion": "bn", "planner": {"macs_ratio": math.nan}}, r"budget 'macs_ratio' must be a finite number, got nan"),
     ({"criterion": "bn", "planner": {"max_drop": "1", "evaluator": len}},
      r"budget 'max_drop' must be a finite number, got '1'"),
 ])
