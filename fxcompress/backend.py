@@ -136,12 +136,12 @@ def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
 
 def _is_derived_weight(node: fx.Node) -> bool:
     """Whether `node` computes a weight from weights (weight_orig * weight_mask of a pruned conv, a
-    weight_norm): no in-place write, and every use a weight use or the graph output (where dynamo returns
-    the weight that a forward pre-hook stores on the module)."""
+    weight_norm): no in-place write, every use a weight use or the graph output (where dynamo returns the
+    weight that a forward pre-hook stores on the module), and at least one use a weight use."""
     if node.op not in ("call_function", "call_method") or writes_in_place(node):
         return False
-    uses = [user for user in node.users if not is_guard(user)]
-    return bool(uses) and all(user.op == "output" or _is_weight_use(user, node) for user in uses)
+    uses = [user for user in node.users if not is_guard(user) and user.op != "output"]
+    return bool(uses) and all(_is_weight_use(user, node) for user in uses)
 
 
 def bake_weights(gm: fx.GraphModule, example_inputs, weights: list[int], scalars: list[int] = ()
