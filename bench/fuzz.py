@@ -44,7 +44,7 @@ def run_worker(job: tuple[int, int, int]) -> dict:
     from fuzz_nets import check, features, networks
 
     torch.set_num_threads(1)
-    result = {"count": 0, "failures": [], "worst_relative_error": 0.0, "features": collections.Counter(),
+    result = {"count": 0, "failures": [], "worst_relative_error": 0.0, "worst": None, "features": collections.Counter(),
               "failed_features": collections.Counter(), "refusals": collections.Counter()}
 
     @hypothesis_seed(seed)
@@ -68,7 +68,8 @@ def run_worker(job: tuple[int, int, int]) -> dict:
         if isinstance(error, str):
             result["refusals"][f"{spec['action']}: {error_kind(error)}"] += 1
         else:
-            result["worst_relative_error"] = max(result["worst_relative_error"], error)
+            if error > result["worst_relative_error"]:
+                result["worst_relative_error"], result["worst"] = error, {"seed": seed, "example": index, "spec": spec}
         if result["count"] % PROGRESS_EVERY == 0:
             print(f"seed {seed}: {result['count']} networks, {len(result['failures'])} mismatches", flush=True)
 
@@ -84,7 +85,8 @@ def summarize(results: list[dict], seeds: list[int], seconds: float) -> dict:
     refusals = sum((result["refusals"] for result in results), collections.Counter())
     return {"count": sum(result["count"] for result in results), "mismatches": len(failures),
             "seconds": round(seconds, 1),
-            "worst_relative_error": max(result["worst_relative_error"] for result in results), "seeds": seeds,
+            "worst_relative_error": max(result["worst_relative_error"] for result in results),
+            "worst": max(results, key=lambda result: result["worst_relative_error"])["worst"], "seeds": seeds,
             "features": {name: {"examples": drawn[name], "failures": failed[name]} for name in sorted(drawn)},
             "error_kinds": dict(errors.most_common()), "refusals": dict(refusals.most_common()),
             "failures": failures}
