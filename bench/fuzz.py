@@ -30,7 +30,7 @@ def error_kind(error: str) -> str:
 
 
 def reproducer(spec: dict) -> str:
-    return f"cd tests && python -c \"from fuzz_nets import check; check({spec!r})\""
+    return f"PYTHONPATH=.:tests python -c \"from fuzz_nets import check; check({spec!r})\""
 
 
 def run_worker(job: tuple[int, int, int]) -> dict:
