@@ -2,8 +2,7 @@
 
     .venv/bin/python bench/fuzz.py --examples 5000 --workers 2 --seed 12345
 
-Unlike the test, a mismatch does not stop the run (and is not shrunk), and KNOWN_BROKEN features are not
-skipped: every failure is recorded with its spec, its features and a reproducer. Worker i draws with
+Unlike the test, a mismatch does not stop the run (and is not shrunk): every failure is recorded with its spec, its features and a reproducer. Worker i draws with
 hypothesis seed S + i; `--backend-percent` of the exact examples also go through
 torch.compile(backend="depthprune"). Writes bench/results/fuzz.json (count, mismatches, seconds, per-feature
 counts of examples and of failures, failures grouped by kind, plan refusals by kind, failures).

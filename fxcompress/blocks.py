@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .graph import constant, real_users, stable_name, tensor_shape
+from .graph import constant, module_path, real_users, stable_name, tensor_shape
 from .layers import NoMatch
 from .ops import OpCall, bind
 
 _PER_CHANNEL = ("batch_norm", "activation", "dropout", "pool")
+SHORTCUT_MODULES = ("downsample", "shortcut", "skip")  # names models give a projection shortcut
 
 
 def _computed_ancestors(node: fx.Node) -> set[fx.Node]:
@@ -32,10 +33,15 @@ def _computed_ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _in_shortcut_module(node: fx.Node) -> bool:
+    return any(part in SHORTCUT_MODULES for part in module_path(node).split("."))
+
+
 def residual_block(add: fx.Node):
     """(block input, shortcut operand, body operand) of a residual add y = body(x) + shortcut(x), or NoMatch.
-    The block input is the latest node both operands depend on; the shortcut is the operand with fewer ops
-    after it (the block input itself for an identity shortcut)."""
+    The block input is the latest node both operands depend on. The shortcut is the block input itself (an
+    identity shortcut) or the operand computed only in modules named as in SHORTCUT_MODULES (a projection,
+    torchvision's `downsample`); otherwise the two cannot be told apart safely and the add is refused."""
     call = bind(add)
     if call is None or call.kind != "add":
         return NoMatch("not an add")
@@ -49,11 +55,14 @@ def residual_block(add: fx.Node):
     order = {node: index for index, node in enumerate(add.graph.nodes)}
     block_input = max(common, key=order.__getitem__)
     before = _computed_ancestors(block_input)
-    lengths = [len(a - before) for a in ancestors]
-    if lengths[0] == lengths[1]:
-        return NoMatch("both operands are equally deep: no shortcut to tell from the body")
-    shortcut, body = (0, 1) if lengths[0] < lengths[1] else (1, 0)
-    return block_input, operands[shortcut], operands[body]
+    identity = [op is block_input for op in operands]
+    projection = [bool(a - before) and all(_in_shortcut_module(n) for n in a - before) for a in ancestors]
+    for marks in (identity, projection):
+        if marks.count(True) == 1:
+            shortcut = marks.index(True)
+            return block_input, operands[shortcut], operands[1 - shortcut]
+    return NoMatch("no operand is the block input itself or computed only in a module named "
+                   f"{'/'.join(SHORTCUT_MODULES)}: the shortcut cannot be told from the body")
 
 
 def is_depthwise(gm: fx.GraphModule, call: OpCall) -> bool:

@@ -26,8 +26,7 @@ Each spec carries one `action`, checked against a reference built in plain torch
   ~1e-15, so what it removes or linearises is exact) or clearly not (one channel's beta is 0). The
   reference is the model itself: the planner must be exact or refuse.
 
-`features` names what a spec exercises; `KNOWN_BROKEN` lists features that fail on this branch and are
-fixed on others (CI skips them until the merge).
+`features` names what a spec exercises (bench/fuzz.py counts examples and failures per feature).
 """
 from __future__ import annotations
 
@@ -39,18 +38,6 @@ from torch import nn
 from torch.nn.utils import parametrizations, prune
 
 import fxcompress
-
-# feature -> why it is skipped in CI: fixed on another branch of issue 11, empty this after merging
-KNOWN_BROKEN = {
-    "bn_after_dilation": "issue 11 item 9 (fix/fold)",
-    "bn_after_weight_norm": "issue 11 item 9 (fix/fold)",
-    "bn_after_prune": "issue 11 item 9 (fix/fold)",
-    "bn_after_padding_str": "issue 11 item 9 (fix/fold)",
-    "bn_criterion_hardtanh": "issue 11 item 1 (planner)",
-    "bn_criterion_leaky_relu": "issue 11 item 1 (planner)",
-    "remove_block_deep_shortcut": "found by this fuzzer, not fixed yet: remove_block takes the shallower operand "
-                                  "of the add for the shortcut, so it drops the shortcut when the body is shallower",
-}
 
 ACTIVATIONS = {"relu": (nn.ReLU, "relu"), "relu6": (nn.ReLU6, "hardtanh"), "gelu": (nn.GELU, "gelu"),
                "silu": (nn.SiLU, "silu"), "hardswish": (nn.Hardswish, "hardswish"),
@@ -637,7 +624,7 @@ def networks(draw, backend_percent: int = 0):
 
 
 def features(spec: dict) -> set[str]:
-    """What a spec exercises, for counting (bench/fuzz.py) and for skipping KNOWN_BROKEN (tests)."""
+    """What a spec exercises, for counting (bench/fuzz.py)."""
     found = {f"action_{_action(spec)}", spec.get("layout", "conv")}
     if spec.get("layout") != "tokens":
         found.add(f"conv{spec.get('dims', 2)}d")

@@ -87,5 +87,35 @@ def test_an_add_that_is_not_a_block_is_refused():
             return self.a(x) + self.b(x)
 
     plan = fxcompress.Plan((fxcompress.Decision("remove_block", "root:add"),))
-    with pytest.raises(fxcompress.PlanError, match="equally deep"):
+    with pytest.raises(fxcompress.PlanError, match="shortcut cannot be told from the body"):
         fxcompress.compress(Parallel().eval(), x, plan=plan)
+
+
+class ProjectionBlock(nn.Module):
+    """A shallow body beside a deeper projection shortcut: depth cannot tell which is which."""
+
+    def __init__(self, shortcut_name: str):
+        super().__init__()
+        self.body = nn.Conv2d(3, 3, 1)
+        setattr(self, shortcut_name, nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()))
+        self.shortcut_name = shortcut_name
+
+    def forward(self, x):
+        return self.body(x) + getattr(self, self.shortcut_name)(x)
+
+
+def test_a_named_projection_shortcut_is_kept_even_when_deeper_than_the_body():
+    # Regression (found by the fuzzer): the shallower operand was taken for the shortcut, so the body stayed
+    torch.manual_seed(0)
+    model = nn.Sequential(ProjectionBlock("downsample")).eval()
+    plan = fxcompress.Plan((fxcompress.Decision("remove_block", "0:add"),))
+    compressed = fxcompress.compress(model, x, plan=plan)
+    with torch.no_grad():
+        assert relative_error(model[0].downsample(*x), compressed.module(*x)) <= 1e-5
+
+
+def test_an_unnamed_projection_shortcut_is_refused():
+    model = nn.Sequential(ProjectionBlock("other")).eval()
+    plan = fxcompress.Plan((fxcompress.Decision("remove_block", "0:add"),))
+    with pytest.raises(fxcompress.PlanError, match="shortcut cannot be told from the body"):
+        fxcompress.compress(model, x, plan=plan)

@@ -2,17 +2,16 @@
 
 The exact pipeline must not move outputs by more than 1e-5 (relative); a plan (linearise, remove or zero
 always-off channels, remove a residual block, the BatchNorm criterion on confidently on/off channels)
-must give the same outputs as a reference built without fxcompress (see tests/fuzz_nets.py). Features in
-`KNOWN_BROKEN` are skipped here until the branches fixing them are merged. `bench/fuzz.py` runs more
+must give the same outputs as a reference built without fxcompress (see tests/fuzz_nets.py). `bench/fuzz.py` runs more
 examples. Every failure found becomes a regression test below.
 """
 import os
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 
 import fuzz_nets
-from fuzz_nets import ACTIONS, KNOWN_BROKEN, check, features, networks
+from fuzz_nets import ACTIONS, check, features, networks
 
 EXAMPLES = int(os.environ.get("FXCOMPRESS_FUZZ_EXAMPLES", "200"))
 
@@ -21,7 +20,6 @@ EXAMPLES = int(os.environ.get("FXCOMPRESS_FUZZ_EXAMPLES", "200"))
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(networks(backend_percent=2))
 def test_random_networks_keep_their_outputs(spec):
-    assume(not features(spec) & set(KNOWN_BROKEN))
     check(spec)
 
 
