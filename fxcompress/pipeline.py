@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
@@ -25,7 +24,7 @@ from .passes import EXACT_PIPELINE, PASSES, PLAN_PASSES
 from .plan import Plan
 from .tokens.graph import layer_output_names
 from .report import Check, Metrics, Report
-from .verify import outputs, relative_error, sample_inputs, tolerance_for
+from .verify import fresh, outputs, relative_error, sample_inputs, tolerance_for
 
 MAX_ROUNDS = 8
 
@@ -87,7 +86,7 @@ class Pipeline:
                               if config.cost_model == "latency" else None)
         # private copies: verification runs must not write into the caller's tensors (a BatchNorm in
         # training mode updates its running statistics, which dynamo passes as inputs)
-        example_inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tuple(example_inputs))
+        example_inputs = fresh(tuple(example_inputs))
         self.flat_inputs = pytree.tree_leaves(example_inputs)
         self.samples = sample_inputs(example_inputs)
         self.report = Report()
