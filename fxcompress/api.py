@@ -8,7 +8,7 @@ from torch import fx
 
 from .capture import capture, check_inputs
 from .config import CompressConfig
-from .errors import OptionError
+from .errors import CaptureError, OptionError
 from .graph import annotate_names
 from .pipeline import activation_names as graph_activation_names, compress_graph
 from .plan import Plan
@@ -22,21 +22,27 @@ class CompressResult:
     module: fx.GraphModule  # the compressed model; call it like the original
     plan: Plan  # what was applied, reusable by the backend and the build step
     report: Report
+    dynamic_batch: bool = False  # whether `module` takes any batch size (else only the example's)
 
 
 def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict | None = None,
              config: CompressConfig | None = None, tokens: TokenConfig | dict | None = None,
              criterion: str | None = None, calibration=None, max_error: float = 0.01, planner: dict | None = None,
-             **options) -> CompressResult:
+             dynamic_batch: bool | None = None, **options) -> CompressResult:
     """Capture `model`, apply `plan` (activations to linearise), then every exact merge the cost model allows.
 
     Options are the fields of `CompressConfig` (allow_approximate, force, max_kernel_size, tolerance).
     `tokens` (a `TokenConfig` or its fields as a dict) first reduces a ViT's tokens on a copy of the model
     (`reduce_tokens`), which is then captured. `criterion` ("bn", "entropy", "ot") finds the plan instead
     (`planner.find_plan` with `calibration`, `max_error` and the `planner` keywords: the budget activations,
-    macs_ratio or max_drop + evaluator, and aggregate); the plan found is returned. The caller's model is
-    never modified.
+    macs_ratio or max_drop + evaluator, and aggregate); the plan found is returned. `dynamic_batch=True`
+    captures dim 0 of the inputs as symbolic, so that the result runs on any batch size (other dims stay
+    fixed), or raises CaptureError where the model fixes its batch; False keeps the example's batch; None
+    (the default) is dynamic where the model allows it, else static (`CompressResult.dynamic_batch` says
+    which). The caller's model is never modified.
     """
+    if dynamic_batch not in (None, True, False):
+        raise OptionError(f"option 'dynamic_batch' must be True, False or None, got {dynamic_batch!r}")
     if config is not None and options:
         raise OptionError("pass either config or keyword options, not both")
     config = config or CompressConfig.from_options(options)
@@ -54,9 +60,19 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
     if tokens is not None:
         model = reduce_tokens(model, tokens)
     with torch.no_grad():
-        gm = capture(model, example_inputs)
+        gm, dynamic_batch = _capture(model, example_inputs, dynamic_batch)
         gm, report = compress_graph(gm, example_inputs, config, plan)
-    return CompressResult(gm, plan, report)
+    return CompressResult(gm, plan, report, dynamic_batch)
+
+
+def _capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool | None) -> tuple[fx.GraphModule, bool]:
+    """The captured graph and whether its batch is dynamic: with None, dynamic unless the model fixes it."""
+    if dynamic_batch is not None:
+        return capture(model, example_inputs, dynamic_batch), dynamic_batch
+    try:
+        return capture(model, example_inputs, dynamic_batch=True), True
+    except CaptureError:
+        return capture(model, example_inputs), False
 
 
 def activation_names(model: torch.nn.Module, example_inputs) -> list[str]:

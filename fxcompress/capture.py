@@ -1,7 +1,15 @@
 """capture: an nn.Module and example inputs become an FX GraphModule through torch.export.
 
-The result is a private copy: passes may edit it and its weights in place without touching the caller's
-model. Graphs that dynamo hands a backend come in through `backend.py` instead and meet the same passes.
+The result is a private copy: export runs on a deep copy of the caller's model, so passes may edit the graph
+and its weights in place, and an export that fails half-way cannot leave the caller's parameters swapped for
+the fake tensors it traces with. torch.export is not thread-safe and shares tracing state with dynamo: every
+export holds dynamo's compile lock, so exports run one at a time and never beside a torch.compile
+compilation in another thread.
+
+With `dynamic_batch`, dim 0 of every tensor input whose leading size is the batch's becomes one symbolic
+size, so the graph runs on any batch size (export specialises sizes 0 and 1, so a batch of 1 is traced as
+a batch of 2). Every other dim stays static: rewrites made for the captured resolution (bias maps) stay valid.
+Graphs that dynamo hands a backend come in through `backend.py` instead and meet the same passes.
 """
 from __future__ import annotations
 
@@ -9,8 +17,12 @@ import copy
 
 import torch
 from torch import fx
+from torch._dynamo.convert_frame import compile_lock
+from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+
+EXPORT_LOCK = compile_lock  # dynamo's own (re-entrant) lock: exports wait for compilations and vice versa
 
 
 def check_inputs(model, example_inputs) -> tuple:
@@ -51,15 +63,72 @@ def check_program_inputs(program: torch.export.ExportedProgram, example_inputs) 
                                f"{_describe(value)}; pass inputs of the shapes it was exported with")
 
 
-def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
-    """Export `model` on `example_inputs` (or take a saved ExportedProgram as it is) and return a private,
-    editable copy of its graph."""
+def batch_size(example_inputs) -> int | None:
+    """The leading size of the first tensor input with at least one dim, None without one."""
+    tensors = [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor) and t.dim()]
+    return tensors[0].shape[0] if tensors else None
+
+
+def export_arguments(example_inputs, dynamic_batch: bool) -> tuple[tuple, tuple | None]:
+    """The inputs to trace and the `dynamic_shapes` for torch.export: with `dynamic_batch`, dim 0 of every
+    tensor input of the batch's leading size is `batch`, and a batch of 1 is repeated to 2."""
+    example_inputs = tuple(example_inputs)
+    if not dynamic_batch:
+        return example_inputs, None
+    batch, dim = batch_size(example_inputs), torch.export.Dim("batch")
+
+    def is_batched(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+    dynamic_shapes = pytree.tree_map(lambda t: {0: dim} if is_batched(t) else None, example_inputs)
+    if batch == 1:
+        example_inputs = pytree.tree_map(lambda t: torch.cat([t, t]) if is_batched(t) else t, example_inputs)
+    return example_inputs, dynamic_shapes
+
+
+def export_program(model: torch.nn.Module, example_inputs, dynamic_batch: bool = False
+                   ) -> torch.export.ExportedProgram:
+    """torch.export of `model` (the module itself: callers pass a private copy) under the export lock."""
+    example_inputs, dynamic_shapes = export_arguments(example_inputs, dynamic_batch)
+    with EXPORT_LOCK:
+        return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+
+
+def private_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model`. Tensors computed from parameters and stored as plain attributes (the `weight`
+    of a conv pruned with torch.nn.utils.prune, recomputed by its forward pre-hook) refuse deepcopy: they are
+    copied detached."""
+    computed = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
+                if isinstance(value, torch.Tensor) and not value.is_leaf}
+    try:
+        return copy.deepcopy(model, computed)
+    except Exception as error:  # deepcopy raises whatever an attribute's __deepcopy__ raises
+        raise CaptureError(f"could not copy {type(model).__name__} before capturing it (copy.deepcopy failed: "
+                           f"{error}); fxcompress never traces the caller's own module") from error
+
+
+def capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool = False) -> fx.GraphModule:
+    """Export a private copy of `model` on `example_inputs` (or take a saved ExportedProgram, re-exported
+    for a dynamic batch if asked) and return its graph, editable and in inference mode."""
     example_inputs = check_inputs(model, example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
-        return copy.deepcopy(model.module())
+        if not dynamic_batch:
+            return _inference_mode(copy.deepcopy(model.module()))
+        model = model.module()
+    private = private_copy(model)
     try:
-        exported = torch.export.export(model, example_inputs)
+        exported = export_program(private, example_inputs, dynamic_batch)
     except Exception as error:  # torch.export raises many unrelated types; all mean "not capturable"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first_line}") from error
-    return copy.deepcopy(exported.module())
+        how = " with a dynamic batch dimension (pass dynamic_batch=False to fix the batch size)" \
+            if dynamic_batch else ""
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}{how}: {first_line}") from error
+    return _inference_mode(exported.module())
+
+
+def _inference_mode(gm: fx.GraphModule) -> fx.GraphModule:
+    """Mark an exported graph as the inference graph it is (it was captured from a model in eval mode; its
+    `eval()` raises NotImplementedError, so the flags are set directly)."""
+    for module in gm.modules():
+        module.training = False
+    return gm

@@ -19,6 +19,7 @@ from .backends import LOWERINGS, lower_module
 from .backends.onnxruntime import export_onnx
 from .backends.precision import PRECISIONS, cast
 from .backends.tensorrt import save_engine
+from .capture import export_program, private_copy
 from .errors import FxCompressError, OptionError
 from .measure import measure
 from .models import load_model
@@ -41,8 +42,9 @@ def _plan(args, model, example) -> Plan:
 
 
 def _compress(args, model, example):
+    dynamic_batch = True if getattr(args, "dynamic_batch", False) else None  # the flag: dynamic or an error
     return compress(model, example, plan=_plan(args, model, example), force=args.force,
-                    allow_approximate=args.allow_approximate)
+                    allow_approximate=args.allow_approximate, dynamic_batch=dynamic_batch)
 
 
 def _latency_summary(timing: dict) -> dict:
@@ -104,18 +106,18 @@ def _in_precision(module, example, precision: str) -> tuple:
     return module, example
 
 
-def write_artifact(module, example, backend: str, out: Path, precision: str) -> Path:
+def write_artifact(module, example, backend: str, out: Path, precision: str, dynamic_batch: bool = False) -> Path:
     """The deployment artifact in `precision`: weights and floating-point inputs cast (TensorRT: the engine's)."""
     if backend != "tensorrt":
         module, example = _in_precision(module, example, precision)
     if backend == "onnxruntime":
-        return export_onnx(module, example, out / "model.onnx")
+        return export_onnx(module, example, out / "model.onnx", dynamic_batch)
     if backend == "tensorrt":
         path = out / "model_trt.ep"
         save_engine(lower_module(module, example, "tensorrt", precision=precision), example, path)
         return path
     path = out / "model.pt2"
-    torch.export.save(torch.export.export(module, example), path)
+    torch.export.save(export_program(private_copy(module), example, dynamic_batch), path)
     return path
 
 
@@ -124,12 +126,15 @@ def compress_command(args) -> int:
         raise OptionError("--precision bf16 is not supported with --backend onnxruntime (ONNX Runtime has no "
                           "bfloat16 convolutions); use fp16 or fp32")
     _check_output_folder("--out", Path(args.out))
+    if args.dynamic_batch and args.backend == "tensorrt":
+        raise OptionError("--dynamic-batch is not supported with --backend tensorrt (its engine takes the "
+                          "example's shape); use eager, inductor or onnxruntime")
     model = load_model(args.model)
     example = _example(args)
     result = _compress(args, model, example)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    artifact = write_artifact(result.module, example, args.backend, out, args.precision)
+    artifact = write_artifact(result.module, example, args.backend, out, args.precision, args.dynamic_batch)
     result.plan.save(out / "plan.json")
     result.report.save(out / "report.json")
     print(result.report)
@@ -228,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress_parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                                  help="artifact precision: weights and inputs cast (bf16 not with onnxruntime)")
     compress_parser.add_argument("--out", default="fxcompress-out", help="output folder")
+    compress_parser.add_argument("--dynamic-batch", action="store_true",
+                                 help="capture the batch dimension as symbolic: the artifact takes any batch size")
 
     bench_parser = command("bench", bench_command, "time original vs compressed", None)
     bench_parser.add_argument("--backends", type=_lowerings, default=["eager"], help="comma-separated lowerings")

@@ -10,6 +10,7 @@ from torch import fx
 
 from . import meta
 from .ops import bind, op_name
+from .verify import fresh
 
 _GUARD_TARGETS = {torch.ops.aten._assert_tensor_metadata.default, torch._assert}
 
@@ -59,8 +60,9 @@ class _ShapeRecorder(fx.Interpreter):
 
 @torch.no_grad()
 def annotate_shapes(gm: fx.GraphModule, inputs) -> None:
-    """Replay the graph on `inputs` and store every tensor output's shape under `meta.SHAPE`."""
-    _ShapeRecorder(gm).run(*inputs)
+    """Replay the graph on fresh copies of `inputs` (it may write into them) and store every tensor output's
+    shape under `meta.SHAPE`."""
+    _ShapeRecorder(gm).run(*fresh(inputs))
 
 
 def graph_inputs(gm: fx.GraphModule) -> list[fx.Node]:

@@ -3,7 +3,6 @@ run in turn within every repetition, so machine noise hits all of them alike; ra
 first candidate. CUDA events time GPU work."""
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import statistics
@@ -15,6 +14,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _NormBase
 
 from .backends import LOWERINGS, lower_module
+from .capture import private_copy
 from .errors import OptionError, valid_choice
 
 
@@ -125,7 +125,7 @@ def measure(models: dict[str, torch.nn.Module], example_inputs, *, lowering: str
     kind = _check_device(device)
     modules = {name: _check_model(name, model) for name, model in models.items()}
     inputs = tuple(t.to(device) for t in _check_inputs(example_inputs))
-    runners = {name: lower_module(model if kind == "cpu" else copy.deepcopy(model).to(device), inputs, lowering)
+    runners = {name: lower_module(model if kind == "cpu" else private_copy(model).to(device), inputs, lowering)
                for name, model in modules.items()}
     return {"results": measure_latency(runners, inputs, warmup=warmup, repeats=repeats, device=kind),
             "lowering": lowering, "batch": int(inputs[0].shape[0]), "device": device, "machine": machine()}

@@ -12,7 +12,6 @@ import copy
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
@@ -24,7 +23,7 @@ from .graph import annotate_names, annotate_shapes, names_of_kind, remove_unused
 from .passes import EXACT_PIPELINE, PASSES, PLAN_ACTIONS
 from .plan import Plan
 from .report import Check, Metrics, Report
-from .verify import outputs, relative_error, sample_inputs, tolerance_for
+from .verify import fresh, outputs, relative_error, sample_inputs, tolerance_for
 
 MAX_ROUNDS = 8
 
@@ -85,7 +84,7 @@ class Pipeline:
                               if config.cost_model == "latency" else None)
         # private copies: verification runs must not write into the caller's tensors (a BatchNorm in
         # training mode updates its running statistics, which dynamo passes as inputs)
-        example_inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tuple(example_inputs))
+        example_inputs = fresh(tuple(example_inputs))
         self.flat_inputs = pytree.tree_leaves(example_inputs)
         self.samples = sample_inputs(example_inputs)
         self.report = Report()

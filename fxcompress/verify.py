@@ -1,4 +1,7 @@
-"""Numerical verification: run a graph on sample inputs and compare its outputs with a reference."""
+"""Numerical verification: run a graph on sample inputs and compare its outputs with a reference.
+
+Every run gets fresh copies of the samples (`fresh`): a model may edit its inputs in place (`x.sub_(0.5)`),
+and a second run on edited samples would differ from the first for a correct graph."""
 from __future__ import annotations
 
 import torch
@@ -22,10 +25,16 @@ def sample_inputs(example_inputs) -> list[tuple]:
     return [tuple(example_inputs), tuple(pytree.tree_map(randomise, tuple(example_inputs)))]
 
 
+def fresh(inputs):
+    """A copy of `inputs` (any nesting) with every tensor cloned, for one run that may write into them."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), inputs)
+
+
 @torch.no_grad()
 def outputs(gm: fx.GraphModule, samples: list[tuple]) -> list[list[torch.Tensor]]:
-    """The tensor outputs of `gm` on each sample."""
-    return [[t.detach() for t in pytree.tree_leaves(gm(*args)) if isinstance(t, torch.Tensor)] for args in samples]
+    """The tensor outputs of `gm` on fresh copies of each sample."""
+    return [[t.detach() for t in pytree.tree_leaves(gm(*fresh(args))) if isinstance(t, torch.Tensor)]
+            for args in samples]
 
 
 def tolerance_for(tolerance: float, tensors) -> float:

@@ -9,13 +9,15 @@ import torch.nn.utils.prune
 from torch import fx, nn
 
 import fxcompress
-from fxcompress.capture import capture
+from fxcompress.backends.precision import cast
+from fxcompress.capture import capture, private_copy
 from fxcompress.config import CompressConfig
 from fxcompress.context import PassContext
 from fxcompress.graph import annotate_names
 from fxcompress.merge_math import ConvSpec, add_parallel_convs, compose_conv, fold_batchnorm, numeric_padding
 from fxcompress.passes import fold_constants
-from helpers import assert_state_unchanged, dynamo_graph, randomize_batchnorm, state_of, torchvision_model
+from helpers import (assert_state_unchanged, dynamo_graph, randomize_batchnorm, relative_error, state_of,
+                     torchvision_model)
 
 
 def pruned(conv: nn.Conv2d) -> nn.Conv2d:
@@ -112,6 +114,21 @@ def test_pruned_model_keeps_its_pruning():
     with torch.no_grad():
         model(x)
     assert torch.equal(conv.weight, conv.weight_orig * conv.weight_mask)
+
+
+def test_pruned_model_is_copied_where_fxcompress_needs_a_copy():
+    # Regression (found by the fuzzer): deepcopy refuses the pruned `weight` (not a graph leaf), so casting,
+    # measuring and capturing a pruned model raised a raw RuntimeError
+    model = network(lambda: pruned(nn.Conv2d(8, 8, 3, padding=1)))
+    x = torch.randn(*SHAPE)
+    half, (half_x,) = cast(model, (x,), "bf16")
+    with torch.no_grad():
+        assert relative_error(model(x), half(half_x).float()) <= 0.05
+    fxcompress.measure({"pruned": model}, (x,), repeats=1, warmup=0)
+    copy = private_copy(model)
+    assert copy[3].weight_orig is not model[3].weight_orig
+    with torch.no_grad():
+        assert torch.equal(copy(x), model(x))
 
 
 def test_plan_removes_channels_of_a_pruned_conv():

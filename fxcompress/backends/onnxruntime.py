@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..capture import EXPORT_LOCK, export_arguments, private_copy
 from ..errors import MissingDependencyError
 
 
@@ -21,12 +22,15 @@ def _require():
     return onnx, onnxruntime
 
 
-def export_onnx(model, example_inputs, path: str | Path) -> Path:
-    """Write `model` as a self-contained .onnx file (weights inside) and check it."""
+def export_onnx(model, example_inputs, path: str | Path, dynamic_batch: bool = False) -> Path:
+    """Write a private copy of `model` as a self-contained .onnx file (weights inside), with a symbolic batch
+    axis if asked, and check it. The exporter traces with torch.export: it holds the same lock."""
     onnx, _ = _require()
     path = Path(path)
-    torch.onnx.export(model, tuple(example_inputs), str(path), dynamo=True, external_data=False,
-                      verbose=False)
+    example_inputs, dynamic_shapes = export_arguments(example_inputs, dynamic_batch)
+    with EXPORT_LOCK:
+        torch.onnx.export(private_copy(model), example_inputs, str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=dynamic_shapes, verbose=False)
     onnx.checker.check_model(str(path))
     return path
 
@@ -53,7 +57,7 @@ class OnnxRuntimeModule:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def module(model, example_inputs, path: str | Path | None = None, device: str = "cpu"):
+def module(model, example_inputs, path: str | Path | None = None, device: str = "cpu", dynamic_batch: bool = False):
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="fxcompress-")) / "model.onnx"
-    return OnnxRuntimeModule(export_onnx(model, example_inputs, path), device)
+    return OnnxRuntimeModule(export_onnx(model, example_inputs, path, dynamic_batch), device)

@@ -10,12 +10,12 @@ the last patched one. A layer that neither reduces nor needs the bias runs its o
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..capture import private_copy
 from ..errors import OptionError
 from ..token_merge import TokenSet, attention_bias, drop, fold, pool, restore_order
 from .config import TokenConfig
@@ -95,7 +95,7 @@ def reduce_tokens(model: nn.Module, config: TokenConfig | dict | None = None, **
     encoder = find_encoder(model, config.encoder)
     if any(hasattr(layer, "_fxcompress_tokens") for layer in encoder.layers):
         raise OptionError(f"{type(model).__name__} already reduces tokens; start again from the original model")
-    model = copy.deepcopy(model)
+    model = private_copy(model)
     encoder = find_encoder(model, encoder.path)
     if config.is_identity:
         return model
