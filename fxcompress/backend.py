@@ -33,6 +33,7 @@ import torch
 from torch import fx
 
 from .backends import GRAPH_LOWERINGS, lower_graph
+from .capture import EXPORT_LOCK
 from .config import CompressConfig
 from .errors import OptionError, valid_choice
 from .graph import annotate_names, annotate_shapes, graph_inputs, is_guard, writes_in_place
@@ -308,7 +309,11 @@ class DepthPruneCompiled:
     def __call__(self, *args):
         entry = self.cache.get(tuple(id(args[i]) for i in self.weight_indices))
         reason = self._stale(entry, args)
-        compiled = entry.compiled if reason is None else self._compile(args, reason)
+        if reason is None:
+            compiled = entry.compiled
+        else:
+            with EXPORT_LOCK:  # compiling again at call time: one at a time, never beside an export or dynamo
+                compiled = self._compile(args, reason)
         return compiled(*[args[i] for i in self.runtime_indices])
 
 

@@ -65,7 +65,7 @@ class LatencyTable:
         from .measure import measure
 
         x = torch.randn(*in_shape, dtype=spec.weight.dtype)
-        timing = measure({"op": _SpecModule(spec)}, (x,), lowering=self.lowering, device=self.device,
+        timing = measure({"op": _SpecModule(spec).eval()}, (x,), lowering=self.lowering, device=self.device,
                          warmup=3, repeats=self.repeats)
         return timing["results"]["op"]["median_ms"]
 
