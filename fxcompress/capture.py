@@ -113,7 +113,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool = False)
     example_inputs = check_inputs(model, example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         if not dynamic_batch:
-            return _inference_mode(copy.deepcopy(model.module()))
+            return mark_inference(copy.deepcopy(model.module()))
         model = model.module()
     private = private_copy(model)
     try:
@@ -123,12 +123,12 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool = False)
         how = " with a dynamic batch dimension (pass dynamic_batch=False to fix the batch size)" \
             if dynamic_batch else ""
         raise CaptureError(f"torch.export could not capture {type(model).__name__}{how}: {first_line}") from error
-    return _inference_mode(exported.module())
+    return mark_inference(exported.module())
 
 
-def _inference_mode(gm: fx.GraphModule) -> fx.GraphModule:
-    """Mark an exported graph as the inference graph it is (it was captured from a model in eval mode; its
-    `eval()` raises NotImplementedError, so the flags are set directly)."""
-    for module in gm.modules():
+def mark_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every `training` flag of `model` to False, in place: an exported graph is an inference graph (it
+    was captured from a model in eval mode), but its `eval()` raises NotImplementedError."""
+    for module in model.modules():
         module.training = False
-    return gm
+    return model

@@ -59,6 +59,14 @@ def test_tensorrt_argument_plumbing_with_a_stand_in_torch_tensorrt(monkeypatch):
         tensorrt.compile_arguments(model, (torch.randn(3, 4),), "int4", "cpu")
 
 
+def test_tensorrt_takes_a_compressed_graph(monkeypatch):
+    # Regression: compile_arguments called .eval() on its copy, which an exported graph refuses
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    compressed = fxcompress.compress(model, (torch.randn(3, 4),)).module
+    copy, kwargs = tensorrt.compile_arguments(compressed, (torch.randn(3, 4),), "fp16", "cpu")
+    assert not copy.training and kwargs["inputs"][0].dtype == torch.float16
+
+
 def test_tensorrt_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_tensorrt", types.SimpleNamespace(compile=None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

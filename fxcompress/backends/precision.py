@@ -2,7 +2,6 @@
 (integer inputs keep their dtype). The caller's model is not touched."""
 from __future__ import annotations
 
-
 import torch
 
 from ..capture import private_copy

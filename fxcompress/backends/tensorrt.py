@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..capture import mark_inference
 from ..errors import MissingDependencyError, valid_choice
 from .precision import PRECISIONS, cast
 
@@ -26,7 +27,7 @@ def compile_arguments(model, example_inputs, precision: str, device: str) -> tup
     """(model copy, kwargs) for `torch_tensorrt.compile`: cast to the precision, moved to the device."""
     valid_choice("TensorRT precision", precision, PRECISIONS)
     model, inputs = cast(model, example_inputs, precision, device)
-    return model.eval(), {"ir": "dynamo", "inputs": list(inputs)}
+    return mark_inference(model), {"ir": "dynamo", "inputs": list(inputs)}
 
 
 def module(model, example_inputs, precision: str = "fp32", device: str = "cuda"):
