@@ -162,15 +162,19 @@ def bench_command(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    wrong = argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+def _checked(text: str, convert, accept, expected: str):
+    """`text` converted, or the ArgumentTypeError argparse turns into exit code 2."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise wrong from None
-    if value < 1:
-        raise wrong
+        value = None
+    if value is None or not accept(value):  # a comparison with nan is False: refused too
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked(text, int, lambda value: value >= 1, "an integer >= 1")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -181,14 +185,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _fraction(text: str) -> float:
-    wrong = argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    try:
-        value = float(text)
-    except ValueError:
-        raise wrong from None
-    if not 0 <= value <= 1:  # also refuses nan
-        raise wrong
-    return value
+    return _checked(text, float, lambda value: 0 <= value <= 1, "a number in [0, 1]")
 
 
 def _lowerings(text: str) -> list[str]:

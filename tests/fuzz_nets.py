@@ -46,6 +46,7 @@ ZERO_WHEN_OFF = ("relu", "relu6")  # activations whose off region outputs exactl
 SURE_ACTIVATIONS = ("relu", "relu6", "hardtanh", "leaky_relu")  # piecewise linear: "bn" confident cases
 ACTIONS = ("bn", "remove_channels", "zero_channels", "remove_block", "linearize", None)
 PLAN_PASSES = ("linearize", "remove_channels", "zero_channels", "remove_block")  # change outputs by design
+FLOAT64_TOLERANCE = 1e-9  # a float64 compression this close to the float64 reference is exact
 MARGIN = 8.0  # |beta| / |gamma| of a confident channel: error probability Phi(-8) ~ 6e-16
 MAX_SIZE = 24  # transposed convs stop growing the map beyond this
 
@@ -741,5 +742,18 @@ def check(spec: dict, seed: int = 0) -> float | str:
             compiled = torch.compile(model, backend="depthprune")
             error = max(error, relative_error(expected, [compiled(*args) for args in inputs]))
         limit = tolerance(spec, seed, inputs, expected) if error > 1e-5 else 1e-5
+        if error > limit and float64_error(spec, seed) <= FLOAT64_TOLERANCE:
+            limit = error  # exact in real arithmetic: the rewritten float32 sums round differently
     assert error <= limit, f"outputs differ by {error:.2e} (tolerance {limit:.1e}) for spec {spec}"
     return error
+
+
+def float64_error(spec: dict, seed: int) -> float:
+    """The relative error of the same compression done in float64 against the float64 reference: about
+    1e-15 for a rewrite that is exact in real arithmetic, however ill-conditioned its float32 sums."""
+    model, example, other = build(spec, seed)
+    model = model.double()
+    inputs = [tuple(t.double() for t in args) for args in (example, other)]
+    reference = reference_model(spec, seed).double()
+    result = _compress(model, inputs[0], spec)
+    return relative_error([reference(*args) for args in inputs], [result.module(*args) for args in inputs])

@@ -16,6 +16,7 @@ from fxcompress.plan import Decision, Plan
 from fxcompress.tokens import TokenConfig
 from fxcompress.tokens.graph import token_plan
 from helpers import randomize_batchnorm, relative_error
+from test_channel_removal import Concat
 from test_tokens import IMAGES, torchvision_vit
 
 x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -27,18 +28,6 @@ def chain() -> nn.Module:
     torch.manual_seed(0)
     return randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                              nn.Conv2d(8, 4, 1))).eval()
-
-
-class Concat(nn.Module):
-    """Two branches concatenated: "relu:relu" has 4 channels, "root:relu" 6; cat has 10."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 5, 3, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.c(torch.cat([self.relu(self.a(x)), torch.relu(self.b(x))], 1))
 
 
 class Block(nn.Module):

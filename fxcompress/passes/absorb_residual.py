@@ -2,8 +2,9 @@
 
 An identity shortcut becomes a Dirac tap (needs equal channels and an output the size of x: odd kernel,
 "same" padding); a 1x1 strided downsample shortcut (its BatchNorm already folded) lands on tap P of the
-main kernel (`merge_math.add_parallel_convs`). Exact. Dilated convs are refused with a reason. Needs each conv's only user to be the add; applied
-when it costs no more (MACs or measured latency) and parameters than the branches, or with `force`. Reads `meta.SHAPE`.
+main kernel (`merge_math.add_parallel_convs`). Exact. Dilated convs are refused with a reason. Needs each
+conv's only user to be the add; applied when it costs no more (MACs or measured latency) and parameters than
+the branches, or with `force`. Reads `meta.SHAPE`.
 """
 from torch import fx
 
