@@ -40,7 +40,7 @@ from .graph import annotate_names, annotate_shapes, graph_inputs, is_guard, writ
 from .ops import bind
 from .pipeline import compress_graph
 from .plan import Plan
-from .planner import plan_graph
+from .planner import check_max_error, plan_graph
 from .tokens.config import TokenConfig
 from .tokens.graph import token_plan
 
@@ -98,8 +98,7 @@ def _criterion(criterion, max_error, plan: Plan) -> float | None:
     if plan.decisions:
         raise OptionError("give depthprune either a plan or a criterion, not both")
     max_error = 0.01 if max_error is None else max_error
-    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not 0 <= max_error < 1:
-        raise OptionError(f"depthprune option 'max_error' must be a number in [0, 1), got {max_error!r}")
+    check_max_error(max_error)
     return float(max_error)
 
 

@@ -200,7 +200,7 @@ def _candidates(gm: fx.GraphModule, criterion: str, max_error: float, aggregate:
 
 def check_max_error(max_error) -> None:
     if not 0 <= finite_number("option 'max_error'", max_error) < 1:
-        raise OptionError(f"option 'max_error' must be in [0, 1), got {max_error!r}")
+        raise OptionError(f"option 'max_error' must be a number in [0, 1), got {max_error!r}")
 
 
 def _score(evaluator: Callable, module: fx.GraphModule, which: str) -> float:
