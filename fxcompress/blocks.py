@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .graph import constant, module_path, real_users, stable_name, tensor_shape
+from .graph import channel_width, constant, module_path, real_users, stable_name, tensor_shape
 from .layers import NoMatch
 from .ops import OpCall, bind
+from .plan import Decision, check_channels
 
 _PER_CHANNEL = ("batch_norm", "activation", "dropout", "pool")
 SHORTCUT_MODULES = ("downsample", "shortcut", "skip")  # names models give a projection shortcut
@@ -63,6 +64,12 @@ def residual_block(add: fx.Node):
             return block_input, operands[shortcut], operands[1 - shortcut]
     return NoMatch("no operand is the block input itself or computed only in a module named "
                    f"{'/'.join(SHORTCUT_MODULES)}: the shortcut cannot be told from the body")
+
+
+def validate_channels(decision: Decision, node: fx.Node) -> None:
+    """The params of a decision on the channels of `node` (remove_channels, zero_channels): `check_channels`
+    against the width of its channel axis."""
+    check_channels(decision, channel_width(node))
 
 
 def is_depthwise(gm: fx.GraphModule, call: OpCall) -> bool:

@@ -13,12 +13,12 @@ PlanError naming it.
 import torch
 from torch import fx
 
-from ..blocks import ChannelGroup, channel_group
+from ..blocks import ChannelGroup, channel_group, validate_channels
 from ..context import PassContext
 from ..errors import PlanError
-from ..graph import add_constant, channel_width, constant, names_of_kind, stable_name
+from ..graph import add_constant, constant, names_of_kind, stable_name
 from ..ops import bind, set_argument
-from ..plan import Decision, PlanAction, check_channels
+from ..plan import PlanAction
 
 _PRODUCER_PARAMS = ("weight", "bias", "running_mean", "running_var", "bias_map")
 
@@ -62,9 +62,5 @@ def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
     return bool(group.producers or group.consumers)
 
 
-def _validate(decision: Decision, node: fx.Node) -> None:
-    check_channels(decision, channel_width(node))
-
-
 REMOVE_CHANNELS = PlanAction("remove_channels", remove_channels, lambda gm: names_of_kind(gm, "activation", "add"),
-                             _validate)
+                             validate_channels)

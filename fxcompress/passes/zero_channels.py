@@ -11,11 +11,12 @@ design (unverified).
 import torch
 from torch import fx
 
+from ..blocks import validate_channels
 from ..context import PassContext
 from ..errors import PlanError
-from ..graph import add_constant, channel_width, constant, names_of_kind, real_users, stable_name
+from ..graph import add_constant, constant, names_of_kind, real_users, stable_name
 from ..ops import bind, set_argument
-from ..plan import Decision, PlanAction, check_channels
+from ..plan import PlanAction
 
 
 def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -47,8 +48,5 @@ def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
     return changed
 
 
-def _validate(decision: Decision, node: fx.Node) -> None:
-    check_channels(decision, channel_width(node))
-
-
-ZERO_CHANNELS = PlanAction("zero_channels", zero_channels, lambda gm: names_of_kind(gm, "activation"), _validate)
+ZERO_CHANNELS = PlanAction("zero_channels", zero_channels, lambda gm: names_of_kind(gm, "activation"),
+                           validate_channels)
