@@ -1,8 +1,11 @@
-"""The small context every pass receives: settings, what it may touch, and where it reports."""
+"""What a pass receives (`PassContext`: settings, the plan, the cost model, calibration data, where to report
+refusals) and what a rewrite pass gives back (`Site`: one rewrite, found but not yet applied).
+
+The contract is written down in `passes/README.md`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -10,7 +13,7 @@ from .config import CompressConfig
 from .cost import CostModel
 from .errors import OptionError
 from .plan import Plan
-from .report import Rewrite, Skip
+from .report import Skip
 
 
 class Calibration:
@@ -65,15 +68,29 @@ def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+@dataclass(frozen=True)
+class Site:
+    """One rewrite a pass proposes, found without changing the graph; the pipeline calls `apply()` or not.
+
+    `node` identifies the rewrite across runs of the pass on copies of one graph: a rewrite that breaks the
+    outputs is excluded by it. `sources` (default: `node` alone) are the nodes it replaces, for the report;
+    `macs` and `latency` are (before, after) of the ops it replaces (`cost.merge_costs`)."""
+
+    node: str
+    apply: Callable[[], None]
+    sources: tuple[str, ...] = ()
+    exact: bool = True
+    detail: str = ""
+    macs: tuple[int, int] = (0, 0)
+    latency: tuple[float, float] | tuple[None, None] = (None, None)
+
+
 @dataclass
 class PassContext:
     config: CompressConfig
     pass_name: str = ""
     plan: Plan = field(default_factory=Plan)
     cost: CostModel = field(default_factory=CostModel)
-    excluded: set[str] = field(default_factory=set)  # sites whose rewrite was rolled back
-    limit: int | None = None  # apply at most this many rewrites (used to find a faulty one)
-    rewrites: list[Rewrite] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     calibration: Calibration | None = None  # data for the analysis passes
 
@@ -81,17 +98,6 @@ class PassContext:
         if self.calibration is None:
             raise OptionError(f"pass {self.pass_name!r} needs calibration data (calibration=[batch, ...])")
         return self.calibration.inputs(count, self.pass_name)
-
-    def allows(self, site: str) -> bool:
-        """Whether the pass may rewrite at `site` (a stable node name)."""
-        if site in self.excluded:
-            return False
-        return self.limit is None or len(self.rewrites) < self.limit
-
-    def record(self, sources, exact: bool = True, detail: str = "", macs: tuple[int, int] = (0, 0),
-               latency: tuple[float, float] | tuple[None, None] = (None, None)) -> None:
-        """Report a rewrite; `macs` and `latency` are (before, after) of the ops it replaced."""
-        self.rewrites.append(Rewrite(self.pass_name, tuple(sources), exact, detail, *macs, *latency))
 
     def skip(self, node: str, reason: str) -> None:
         self.skips.append(Skip(self.pass_name, node, reason))

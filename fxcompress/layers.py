@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import add_constant, constant, real_users, stable_name, tensor_shape
+from .graph import add_constant, constant, real_users, replace_node, stable_name, tensor_shape
 from .merge_math import ConvSpec, numeric_padding
 from .ops import CONV_BY_DIMS, OpCall, aten, as_tuple, bind, conv_with_bias_map
 
@@ -120,3 +120,11 @@ def find_chains(gm: fx.GraphModule, kind: str, read) -> list[list[tuple[OpCall, 
             chains.append(chain)
         chain_of[node] = chain
     return [chain for chain in chains if len(chain) > 1]
+
+
+def replace_chain(gm: fx.GraphModule, members: list[fx.Node], spec) -> None:
+    """Replace a chain of convs or linears (`find_chains`) by one op applying `spec` to the chain's input."""
+    emit = emit_conv if isinstance(spec, ConvSpec) else emit_linear
+    replace_node(members[-1], emit(gm, bind(members[0])["input"], spec, replacing=members[-1]))
+    for node in reversed(members[:-1]):
+        gm.graph.erase_node(node)

@@ -1,28 +1,31 @@
 """Run passes over a captured graph: plan first, then the exact passes to a fixed point, each verified.
 
-After every pass the graph's outputs are compared with those of the graph before it. A pass whose
-rewrites all claim to be exact but moves the outputs by more than `config.tolerance` (widened for float16
-and bfloat16 graphs, `verify.tolerance_for`) is rolled back; the faulty rewrite is found by re-running the
-pass on a prefix of its rewrites, excluded, and the pass run again without it. Approximate rewrites are
-measured and reported, not rolled back.
+Passes propose rewrites (`context.Site`s) and the pipeline applies them (`apply_pass`); the contract is in
+`passes/README.md`. After every pass that changed the graph, its outputs are compared with those of the graph
+before it. A pass whose sites all claim to be exact but moves the outputs by more than `config.tolerance`
+(widened for float16 and bfloat16 graphs, `verify.tolerance_for`) is rolled back to the copy taken before
+its first site; the faulty site is found by bisection over prefixes of the sites, excluded, and the pass run
+again without it. Approximate rewrites and the plan's passes (which change outputs by design) are measured
+and reported, not rolled back.
 """
 from __future__ import annotations
 
 import copy
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, Container
 
 from torch import fx
 from torch.utils import _pytree as pytree
 
 from .config import CompressConfig
-from .context import PassContext
+from .context import PassContext, Site
 from .cost import CostModel, LatencyTable
 from .errors import PassError, PlanError
 from .graph import annotate_names, annotate_shapes, names_of_kind, remove_unused_constants, stable_name
-from .passes import EXACT_PIPELINE, PASSES, PLAN_ACTIONS
+from .passes import EXACT_PASSES, PLAN_ACTIONS, fold_constants
 from .plan import Plan
-from .report import Check, Metrics, Report
+from .report import Check, Metrics, Report, Rewrite
 from .verify import outputs, relative_error, sample_inputs, tolerance_for
 
 MAX_ROUNDS = 8
@@ -63,23 +66,40 @@ def _check_targets(plan: Plan, action: str, known: set[str]) -> None:
                         f"{', '.join(missing[:5])}; valid targets here look like: {hint}")
 
 
-def _apply(name: str, gm: fx.GraphModule, ctx: PassContext, inputs) -> bool:
+def apply_pass(rewrite_pass: Callable, gm: fx.GraphModule, ctx: PassContext, *, excluded: Container[str] = (),
+               limit: int | None = None, before_change: Callable[[], None] | None = None) -> list[Site]:
+    """Apply, in order, the sites `rewrite_pass` yields on `gm` that are not `excluded`, at most `limit` of
+    them, calling `before_change()` once before the first; then remove dead nodes and unused constants.
+    Returns the sites applied."""
+    applied: list[Site] = []
     try:
-        changed = PASSES[name](gm, ctx)
+        for site in rewrite_pass(gm, ctx):
+            if site.node in excluded:
+                continue
+            if limit is not None and len(applied) == limit:
+                break
+            if not applied and before_change is not None:
+                before_change()
+            site.apply()
+            applied.append(site)
     except PlanError:
         raise
     except Exception as error:
-        raise PassError(f"pass {name!r} failed: {error}") from error
-    if changed:
+        raise PassError(f"pass {rewrite_pass.__name__!r} failed: {error}") from error
+    if applied:
         remove_unused_constants(gm)
         gm.graph.lint()
-        annotate_shapes(gm, inputs)
-    return changed
+    return applied
+
+
+def _rewrite(pass_name: str, site: Site) -> Rewrite:
+    return Rewrite(pass_name, site.sources or (site.node,), site.exact, site.detail, *site.macs, *site.latency)
 
 
 class Pipeline:
-    def __init__(self, gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan):
-        self.config, self.plan = config, plan
+    def __init__(self, gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan,
+                 exact_passes: tuple[Callable, ...] = EXACT_PASSES):
+        self.config, self.plan, self.exact_passes = config, plan, exact_passes
         self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering)
                               if config.cost_model == "latency" else None)
         example_inputs = tuple(example_inputs)  # every replay runs on fresh copies (`verify.fresh`)
@@ -96,59 +116,62 @@ class Pipeline:
         self.tolerance = tolerance_for(config.tolerance, [self.state.reference, self.flat_inputs,
                                                           list(gm.state_dict().values())])
 
-    def _context(self, name: str, limit: int | None = None) -> PassContext:
-        return PassContext(self.config, name, plan=self.plan, cost=self.cost,
-                           excluded=self.excluded.setdefault(name, set()), limit=limit)
-
-    def run_pass(self, name: str, verify: bool = True) -> bool:
-        original = copy.deepcopy(self.state.gm)
-        ctx = self._context(name)
-        gm = self.state.gm
-        if not _apply(name, gm, ctx, self.flat_inputs):
+    def run_pass(self, rewrite_pass: Callable, verify: bool = True) -> bool:
+        """Apply one pass and measure the change of the outputs. With `verify`, a pass whose sites all claim
+        to be exact and that moves the outputs by more than the tolerance is undone, its faulty site excluded,
+        and the pass run again. The graph is copied only when the pass changes something."""
+        name, gm = rewrite_pass.__name__, self.state.gm
+        ctx = PassContext(self.config, name, plan=self.plan, cost=self.cost)
+        excluded = self.excluded.setdefault(name, set())
+        snapshots: list[fx.GraphModule] = []
+        applied = apply_pass(rewrite_pass, gm, ctx, excluded=excluded,
+                             before_change=lambda: snapshots.append(copy.deepcopy(gm)))
+        if not applied:
             self.skips += ctx.skips
             return False
+        annotate_shapes(gm, self.flat_inputs)
         result = outputs(gm, self.samples)
         error = relative_error(self.state.reference, result)
-        exact = all(rewrite.exact for rewrite in ctx.rewrites)
-        if verify and exact and error > self.tolerance:
-            culprit = self._find_faulty_rewrite(name, original, len(ctx.rewrites))
-            self.excluded[name].add(culprit)
+        if verify and all(site.exact for site in applied) and error > self.tolerance:
+            original = snapshots[0]
+            culprit = applied[self._faulty_prefix(rewrite_pass, original, len(applied)) - 1].node
+            excluded.add(culprit)
             self.report.checks.append(Check(name, error, rolled_back=culprit))
             self.state.gm = original
-            return self.run_pass(name, verify)
-        self.report.rewrites += ctx.rewrites
+            return self.run_pass(rewrite_pass, verify)
+        self.report.rewrites += [_rewrite(name, site) for site in applied]
         self.skips += ctx.skips
-        self.report.checks.append(Check(name, error if verify else 0.0))
+        self.report.checks.append(Check(name, error, verified=verify))
         self.state = _State(gm, result)
         return True
 
-    def _find_faulty_rewrite(self, name: str, original: fx.GraphModule, count: int) -> str:
-        """Smallest prefix of the pass's rewrites that breaks the outputs; its last rewrite is at fault."""
+    def _faulty_prefix(self, rewrite_pass: Callable, original: fx.GraphModule, count: int) -> int:
+        """Length of the shortest prefix of the pass's sites that breaks the outputs: its last site is at fault
+        (the pass yields the same sites in the same order on every copy of `original`)."""
         low, high = 1, count
         while low < high:
             middle = (low + high) // 2
-            if self._prefix_breaks(name, original, middle):
+            if self._prefix_breaks(rewrite_pass, original, middle):
                 high = middle
             else:
                 low = middle + 1
-        ctx = self._context(name, limit=low)
-        _apply(name, copy.deepcopy(original), ctx, self.flat_inputs)
-        return ctx.rewrites[-1].sources[-1]
+        return low
 
-    def _prefix_breaks(self, name: str, original: fx.GraphModule, limit: int) -> bool:
+    def _prefix_breaks(self, rewrite_pass: Callable, original: fx.GraphModule, limit: int) -> bool:
         gm = copy.deepcopy(original)
-        _apply(name, gm, self._context(name, limit), self.flat_inputs)
+        ctx = PassContext(self.config, rewrite_pass.__name__, plan=self.plan, cost=self.cost)
+        apply_pass(rewrite_pass, gm, ctx, excluded=self.excluded[rewrite_pass.__name__], limit=limit)
         return relative_error(self.state.reference, outputs(gm, self.samples)) > self.tolerance
 
     def run(self) -> tuple[fx.GraphModule, Report]:
         if self.plan.decisions:
-            self.run_pass("fold_constants")  # the plan passes read weights too (a pruned conv's, say)
-        for action in PLAN_ACTIONS:
-            if self.plan.targets(action):
-                self.run_pass(action, verify=False)
+            self.run_pass(fold_constants)  # the plan passes read weights too (a pruned conv's, say)
+        for action in PLAN_ACTIONS.values():
+            if self.plan.targets(action.name):
+                self.run_pass(action.apply, verify=False)
         for _ in range(MAX_ROUNDS):
             self.skips = []
-            changed = [self.run_pass(name) for name in EXACT_PIPELINE]
+            changed = [self.run_pass(rewrite_pass) for rewrite_pass in self.exact_passes]
             if not any(changed):
                 break
         self.report.skips = self.skips  # reasons from the last round: why the final graph is as it is
@@ -157,6 +180,7 @@ class Pipeline:
 
 
 def compress_graph(gm: fx.GraphModule, example_inputs, config: CompressConfig | None = None,
-                   plan: Plan | None = None) -> tuple[fx.GraphModule, Report]:
+                   plan: Plan | None = None, exact_passes: tuple[Callable, ...] = EXACT_PASSES
+                   ) -> tuple[fx.GraphModule, Report]:
     """Rewrite `gm` in place (callers pass a copy) and return it with the report."""
-    return Pipeline(gm, example_inputs, config or CompressConfig(), plan or Plan()).run()
+    return Pipeline(gm, example_inputs, config or CompressConfig(), plan or Plan(), exact_passes).run()

@@ -42,7 +42,7 @@ from .criteria import OFF, ON
 from .errors import OptionError, finite_number, valid_choice
 from .graph import annotate_names, annotate_shapes, real_users, stable_name
 from .ops import activation_regions, bind
-from .passes import PASSES
+from .passes import ANALYSES
 from .pipeline import compress_graph
 from .plan import Decision, Plan
 
@@ -244,7 +244,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, *, criterion: str = "bn", cal
     if criterion == "bn" and calibration is not None:
         analyses = ("annotate_entropy",) + analyses  # calibration mean/std stand in for norm-free layers
     for name in analyses:
-        PASSES[name](gm, PassContext(config, name, calibration=calibration))
+        ANALYSES[name](gm, PassContext(config, name, calibration=calibration))
     result = PlanResult(Plan(model=model), {})
     candidates = _candidates(gm, criterion, max_error, aggregate, result)
 

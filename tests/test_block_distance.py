@@ -8,7 +8,7 @@ from fxcompress import meta
 from fxcompress.config import CompressConfig
 from fxcompress.context import Calibration, PassContext
 from fxcompress.graph import annotate_names, annotate_shapes, stable_name
-from fxcompress.passes import PASSES
+from fxcompress.passes import ANALYSES
 from fxcompress.planner import find_plan
 from helpers import CAPTURES, relative_error
 
@@ -52,7 +52,7 @@ def test_annotation_scores_each_same_shape_block(capture):
     annotate_names(gm)
     annotate_shapes(gm, runtime)
     ctx = PassContext(CompressConfig(), "annotate_block_distance", calibration=Calibration([x[0], x[0] * 2]))
-    PASSES["annotate_block_distance"](gm, ctx)
+    ANALYSES["annotate_block_distance"](gm, ctx)
     distances = {stable_name(n): n.meta[meta.BLOCK_DISTANCE] for n in gm.graph.nodes if meta.BLOCK_DISTANCE in n.meta}
     assert list(distances) == ["1:add", "2:add", "3:add"]
     assert distances["2:add"] == 0 and distances["1:add"] > 0 and distances["3:add"] > 0

@@ -12,7 +12,8 @@ from fxcompress.context import PassContext
 from fxcompress.criteria import gaussian_states
 from fxcompress.graph import annotate_names, annotate_shapes, constant, stable_name
 from fxcompress.ops import bind
-from fxcompress.passes import PASSES
+from fxcompress.passes import ANALYSES
+from fxcompress.passes import PLAN_ACTIONS
 from fxcompress.pipeline import Pipeline
 from fxcompress.planner import find_plan
 from helpers import CAPTURES, relative_error
@@ -65,7 +66,7 @@ def test_bn_state_annotation_is_data_free_and_falls_back_to_calibration(capture)
     annotate_names(gm)
     annotate_shapes(gm, runtime)
     ctx = PassContext(CompressConfig(), "annotate_bn_state")
-    PASSES["annotate_bn_state"](gm, ctx)
+    ANALYSES["annotate_bn_state"](gm, ctx)
     states = {stable_name(n): n.meta.get(meta.CHANNEL_STATES) for n in gm.graph.nodes if bind(n) and
               bind(n).kind == "activation"}
     assert states["2:relu"].states() == ["on", "on", "off", "on"] and states["2:relu"].source == "batch_norm"
@@ -89,7 +90,7 @@ def test_criterion_linearises_and_removes_exactly_and_shrinks_weights(capture):
     gm, runtime = CAPTURES[capture](model, x)
     pipeline = Pipeline(gm, runtime, CompressConfig(), result.plan)
     for name in ("remove_channels", "linearize"):
-        pipeline.run_pass(name, verify=False)
+        pipeline.run_pass(PLAN_ACTIONS[name].apply, verify=False)
     with torch.no_grad():
         assert relative_error(model(*x), first(pipeline.state.gm(*runtime))) <= 1e-5
     shapes = [tuple(constant(gm, bind(n)["weight"]).shape) for n in pipeline.state.gm.graph.nodes
@@ -160,6 +161,6 @@ def test_off_channels_that_cannot_be_removed_are_zeroed_exactly(capture):
     gm, runtime = CAPTURES[capture](model, x)
     pipeline = Pipeline(gm, runtime, CompressConfig(), result.plan)
     for name in ("zero_channels", "linearize"):
-        pipeline.run_pass(name, verify=False)
+        pipeline.run_pass(PLAN_ACTIONS[name].apply, verify=False)
     with torch.no_grad():
         assert relative_error(model(*x), first(pipeline.state.gm(*runtime))) <= 1e-5

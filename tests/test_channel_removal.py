@@ -6,6 +6,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.config import CompressConfig
+from fxcompress.passes import PLAN_ACTIONS
 from fxcompress.pipeline import Pipeline
 from fxcompress.plan import Decision, Plan
 from helpers import CAPTURES, relative_error, torchvision_model
@@ -34,7 +35,7 @@ def removed(capture, model, inputs, target, channels=CHANNELS):
     gm, runtime = CAPTURES[capture](model, inputs)
     plan = Plan((Decision("remove_channels", target, {"channels": channels}),))
     pipeline = Pipeline(gm, runtime, CompressConfig(), plan)
-    pipeline.run_pass("remove_channels", verify=False)
+    pipeline.run_pass(PLAN_ACTIONS["remove_channels"].apply, verify=False)
     rewrites = {r.sources[0]: r.detail for r in pipeline.report.rewrites}
     return pipeline.state.gm, runtime, rewrites
 

@@ -6,9 +6,12 @@ main kernel (`merge_math.add_parallel_convs`). Exact. Dilated convs are refused 
 conv's only user to be the add; applied when it costs no more (MACs or measured latency) and parameters than
 the branches, or with `force`. Reads `meta.SHAPE`.
 """
+from functools import partial
+from typing import Iterator
+
 from torch import fx
 
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..cost import merge_costs
 from ..graph import real_users, replace_node, stable_name, tensor_shape
 from ..layers import NoMatch, emit_conv, read_conv, spatial_size
@@ -52,8 +55,14 @@ def _match(gm: fx.GraphModule, add: OpCall):
     return input_a, spec_a, spec_b, merged
 
 
-def absorb_residual(gm: fx.GraphModule, ctx: PassContext) -> bool:
-    changed = False
+def _absorb(gm: fx.GraphModule, add: fx.Node, conv_input: fx.Node, branches: list[fx.Node], merged) -> None:
+    replace_node(add, emit_conv(gm, conv_input, merged, replacing=add))
+    for branch in branches:
+        if not branch.users:
+            gm.graph.erase_node(branch)
+
+
+def absorb_residual(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     for node in list(gm.graph.nodes):
         add = bind(node)
         if add is None or add.kind != "add":
@@ -71,16 +80,8 @@ def absorb_residual(gm: fx.GraphModule, ctx: PassContext) -> bool:
                                      params > sum(c[1] for c in branches_cost)):
             ctx.skip(name, f"absorbing the shortcut would raise the {ctx.cost.kind} cost")
             continue
-        if not ctx.allows(name):
-            continue
         branches = [op for op in (add["input"], add["other"]) if op is not conv_input]
-        sources = [stable_name(branch) for branch in branches] + [name]
-        new = emit_conv(gm, conv_input, merged, replacing=node)
-        replace_node(node, new)
-        for branch in branches:
-            if not branch.users:
-                gm.graph.erase_node(branch)
-        ctx.record(sources, True, f"shortcut absorbed, kernel {merged.kernel_size}",
+        yield Site(name, partial(_absorb, gm, node, conv_input, branches, merged),
+                   (*(stable_name(branch) for branch in branches), name),
+                   detail=f"shortcut absorbed, kernel {merged.kernel_size}",
                    **merge_costs(ctx.cost, "conv", [(spec_a, *shape), (spec_b, *shape)], (merged, *shape)))
-        changed = True
-    return changed

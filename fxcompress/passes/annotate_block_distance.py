@@ -5,8 +5,8 @@ of x, replays the graph with an `fx.Interpreter` over `ctx.calibration` and writ
 `meta.BLOCK_DISTANCE` the mean over batches of the max-sliced Wasserstein distance between x and y, each
 sample flattened (`criteria.block_distance`: POT, 50 projections, p = 2). A small distance marks a block
 that can be replaced by its shortcut (`remove_block`). Blocks that change the shape (downsampling) are
-skipped with the reason; a non-finite distance raises an OptionError naming the block. Only annotates:
-returns False. For a differentiable regulariser during training call `criteria.block_distance` on the
+skipped with the reason; a non-finite distance raises an OptionError naming the block. An analysis: only
+annotates. For a differentiable regulariser during training call `criteria.block_distance` on the
 tensors directly.
 """
 import math
@@ -48,7 +48,7 @@ def _finite(node: fx.Node, distance: float) -> float:
     return distance
 
 
-def annotate_block_distance(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def annotate_block_distance(gm: fx.GraphModule, ctx: PassContext) -> None:
     blocks = {}
     for node in gm.graph.nodes:
         block = residual_block(node)
@@ -59,7 +59,7 @@ def annotate_block_distance(gm: fx.GraphModule, ctx: PassContext) -> bool:
             continue
         blocks[node] = block[0]
     if not blocks:
-        return False
+        return
     recorder = _Recorder(gm, blocks)
     with torch.no_grad():
         for inputs in ctx.calibration_inputs(len(graph_inputs(gm))):
@@ -67,4 +67,3 @@ def annotate_block_distance(gm: fx.GraphModule, ctx: PassContext) -> bool:
     for node, distances in recorder.distances.items():
         if distances:
             node.meta[meta.BLOCK_DISTANCE] = _finite(node, sum(distances) / len(distances))
-    return False

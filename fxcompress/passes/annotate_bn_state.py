@@ -6,7 +6,7 @@ P(off) = Phi((low - beta) / |gamma|), P(saturated) = Phi((beta - high) / |gamma|
 likeliest call is 1 - its probability (Phi(-|beta| / |gamma|) for ReLU). For an activation not fed by an
 eval-mode BatchNorm with constant weights, the per-channel mean and std of its input measured by
 `annotate_entropy` stand in for beta and |gamma|; without them the activation is skipped with the reason.
-Writes a `criteria.ChannelStates` under `meta.CHANNEL_STATES`. Only annotates: returns False. The states
+Writes a `criteria.ChannelStates` under `meta.CHANNEL_STATES`. An analysis: only annotates. The states
 say where z lies, not what the activation outputs there: the planner decides from the regions whether an
 off channel is 0 (removable), a constant, a slope or only approximately 0.
 """
@@ -32,7 +32,7 @@ def _batch_norm_moments(gm: fx.GraphModule, node) -> tuple[torch.Tensor, torch.T
     return beta.detach(), (torch.ones_like(beta) if gamma is None else gamma.detach().abs())
 
 
-def annotate_bn_state(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def annotate_bn_state(gm: fx.GraphModule, ctx: PassContext) -> None:
     for node in gm.graph.nodes:
         call = bind(node)
         if call is None or call.kind != "activation":
@@ -47,4 +47,3 @@ def annotate_bn_state(gm: fx.GraphModule, ctx: PassContext) -> bool:
             node.meta[meta.CHANNEL_STATES] = gaussian_states(stats.mean, stats.std, low, high, "calibration")
         else:
             ctx.skip(stable_name(node), "input is not a BatchNorm and no calibration statistics were recorded")
-    return False

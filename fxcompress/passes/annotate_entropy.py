@@ -7,7 +7,7 @@ per channel of each activation's input z, how often z >= the lower end of its id
 `meta.ACTIVATION_STATS` on each activation node: p_on, per-channel and layer entropy (also the EGP variant
 that ignores channels constant within a batch), mean and std.
 The channel axis is 1 for (N, C, ...) and (N, F), the last one for token layouts (N, T, C) made by a
-linear (`graph.channel_axis`). Only annotates: returns False. Does not track ReLU6's upper kink.
+linear (`graph.channel_axis`). An analysis: only annotates. Does not track ReLU6's upper kink.
 Calibration data that makes an activation's statistics non-finite (nan or inf) raises an OptionError naming
 the activation: a nan is never counted as a state.
 """
@@ -44,7 +44,7 @@ def _finite(node: fx.Node, stats: ActivationStats) -> ActivationStats:
     return stats
 
 
-def annotate_entropy(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def annotate_entropy(gm: fx.GraphModule, ctx: PassContext) -> None:
     watched = {}
     for node in gm.graph.nodes:
         call = bind(node)
@@ -59,4 +59,3 @@ def annotate_entropy(gm: fx.GraphModule, ctx: PassContext) -> bool:
     for node, (_, _, statistics) in watched.items():
         if statistics.samples:
             node.meta[meta.ACTIVATION_STATS] = _finite(node, statistics.result())
-    return False

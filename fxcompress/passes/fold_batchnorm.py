@@ -8,10 +8,13 @@ computed from parameters alone, such as prune masks and weight_norm, into consta
 (BatchNorm1d over features). Does not handle a BatchNorm before its conv (pre-activation networks) nor one
 in training mode. A site it cannot read is skipped with the reason.
 """
+from functools import partial
+from typing import Iterator
+
 import torch
 from torch import fx
 
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..graph import constant, real_users, replace_node, stable_name, tensor_shape
 from ..layers import LinearSpec, NoMatch, emit_conv, emit_linear, read_conv, read_linear
 from ..merge_math import ConvSpec, fold_batchnorm as fold_batchnorm_weights
@@ -54,8 +57,21 @@ def _match(gm: fx.GraphModule, bn: OpCall):
     return producer, spec, statistics
 
 
-def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> bool:
-    changed = False
+def _fold(gm: fx.GraphModule, bn: OpCall, producer: OpCall, spec, stats: dict) -> None:
+    mean, var, gamma, beta = stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"]
+    eps = float(bn["eps"])
+    weight, bias = fold_batchnorm_weights(spec.weight, spec.bias, mean, var, gamma, beta, eps)
+    if isinstance(spec, ConvSpec):
+        scale = (1.0 if gamma is None else gamma) / torch.sqrt(var + eps)
+        bias_map = None if spec.bias_map is None else spec.bias_map * scale.reshape(-1, *[1] * spec.spatial_dims)
+        new = emit_conv(gm, producer["input"], spec.with_weights(weight, bias, bias_map), replacing=producer.node)
+    else:
+        new = emit_linear(gm, producer["input"], LinearSpec(weight, bias), replacing=producer.node)
+    replace_node(bn.node, new)
+    replace_node(producer.node, new)
+
+
+def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     for node in list(gm.graph.nodes):
         bn = bind(node)
         if bn is None or bn.kind != "batch_norm":
@@ -65,22 +81,6 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> bool:
         if not match:
             ctx.skip(name, match)
             continue
-        if not ctx.allows(name):
-            continue
         producer, spec, stats = match
-        mean, var, gamma, beta = stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"]
-        eps = float(bn["eps"])
-        weight, bias = fold_batchnorm_weights(spec.weight, spec.bias, mean, var, gamma, beta, eps)
-        if isinstance(spec, ConvSpec):
-            scale = (1.0 if gamma is None else gamma) / torch.sqrt(var + eps)
-            bias_map = None if spec.bias_map is None else spec.bias_map * scale.reshape(-1, *[1] * spec.spatial_dims)
-            new = emit_conv(gm, producer["input"], spec.with_weights(weight, bias, bias_map),
-                            replacing=producer.node)
-        else:
-            new = emit_linear(gm, producer["input"], LinearSpec(weight, bias), replacing=producer.node)
-        producer_name = stable_name(producer.node)
-        replace_node(node, new)
-        replace_node(producer.node, new)
-        ctx.record([producer_name, name], detail="batch_norm folded")
-        changed = True
-    return changed
+        yield Site(name, partial(_fold, gm, bn, producer, spec, stats), (stable_name(producer.node), name),
+                   detail="batch_norm folded")

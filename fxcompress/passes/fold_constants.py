@@ -13,11 +13,14 @@ of one), an op that draws random numbers (an aten op tagged `nondeterministic_se
 result that is not a tensor, and a result with more than `MAX_EXPANSION` times the elements of its inputs
 (an expand or broadcast would be stored at full size).
 """
+from functools import partial
+from typing import Iterator
+
 import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..graph import add_constant, constant, is_guard, real_users, stable_name, writes_in_place
 from ..layers import NoMatch
 from ..ops import bind
@@ -113,9 +116,15 @@ def _drop_constant_guards(gm: fx.GraphModule, constants) -> None:
                 gm.graph.erase_node(guard)
 
 
-def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def _replace_by_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, inputs) -> None:
+    folded = add_constant(gm, f"folded_{node.name}", value, before=node)
+    node.replace_all_uses_with(folded)
+    gm.graph.erase_node(node)
+    _drop_constant_guards(gm, inputs)
+
+
+def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     written = _written_in_place(gm)
-    changed = False
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or is_guard(node) or not real_users(node):
             continue
@@ -127,12 +136,5 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> bool:
         if isinstance(value, NoMatch):
             ctx.skip(name, f"not folded into a constant: {value}")
             continue
-        if not ctx.allows(name):
-            continue
-        folded = add_constant(gm, f"folded_{node.name}", value, before=node)
-        node.replace_all_uses_with(folded)
-        gm.graph.erase_node(node)
-        _drop_constant_guards(gm, inputs)
-        ctx.record([name], detail="computed from constants only: folded")
-        changed = True
-    return changed
+        yield Site(name, partial(_replace_by_constant, gm, node, value, inputs),
+                   detail="computed from constants only: folded")

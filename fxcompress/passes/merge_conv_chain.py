@@ -8,20 +8,21 @@ cost (MACs or measured latency, see `cost.py`) with no more parameters, or fewes
 across a fan-out, a pooling or any op missing from the op table; dilated convs (refused with a reason:
 the composition is for dilation 1) and transposed convs stay.
 """
+from functools import partial
+from typing import Iterator
+
 from torch import fx
 
 from ..chains import segment_chain
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..cost import merge_costs
-from ..graph import replace_node, stable_name, tensor_shape
-from ..layers import emit_conv, find_chains, read_conv, spatial_size
+from ..graph import stable_name, tensor_shape
+from ..layers import find_chains, read_conv, replace_chain, spatial_size
 from ..merge_math import ConvSpec, compose_conv
-from ..ops import bind
 
 
-def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     config = ctx.config
-    changed = False
     for chain in find_chains(gm, "conv", read_conv):
         nodes = [call.node for call, _ in chain]
         sizes = [spatial_size(node) for node in nodes]
@@ -48,22 +49,16 @@ def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
             return ctx.cost.conv(spec, in_shapes[start], sizes[end])
 
         specs = [spec for _, spec in chain]
-        segments = segment_chain(specs, compose, cost, config.force)
-        for segment in segments:
+        for segment in segment_chain(specs, compose, cost, config.force):
             members = nodes[segment.start:segment.stop]
-            if len(members) < 2 or not ctx.allows(stable_name(members[-1])):
+            if len(members) < 2:
                 continue
             first, last = segment.start, segment.stop - 1
             parts = [(specs[i], in_shapes[i], sizes[i]) for i in range(first, last + 1)]
-            costs = merge_costs(ctx.cost, "conv", parts, (segment.spec, in_shapes[first], sizes[last]))
-            new = emit_conv(gm, bind(members[0])["input"], segment.spec, replacing=members[-1])
-            names = [stable_name(node) for node in members]
-            replace_node(members[-1], new)
-            for node in reversed(members[:-1]):
-                gm.graph.erase_node(node)
-            ctx.record(names, segment.exact, f"kernel {segment.spec.kernel_size} stride {segment.spec.stride}"
-                       + ("" if segment.exact else ", border ring approximate"), **costs)
-            changed = True
+            yield Site(stable_name(members[-1]), partial(replace_chain, gm, members, segment.spec),
+                       tuple(map(stable_name, members)), segment.exact,
+                       f"kernel {segment.spec.kernel_size} stride {segment.spec.stride}"
+                       + ("" if segment.exact else ", border ring approximate"),
+                       **merge_costs(ctx.cost, "conv", parts, (segment.spec, in_shapes[first], sizes[last])))
         for j, reason in refusals.items():
             ctx.skip(stable_name(nodes[j]), f"not merged with its producer: {reason}")
-    return changed

@@ -5,19 +5,20 @@ whose GELU was linearised becomes one d -> d linear (8x fewer MACs). Segments ar
 `chains.segment_chain` (cheapest, or fewest with `force`); a bottleneck d -> r -> d with small r stays.
 Reads `meta.SHAPE`. Does not merge across a fan-out or any op missing from the op table.
 """
+from functools import partial
+from typing import Iterator
+
 from torch import fx
 
 from ..chains import segment_chain
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..cost import merge_costs
-from ..graph import replace_node, stable_name, tensor_shape
-from ..layers import LinearSpec, emit_linear, find_chains, read_linear
+from ..graph import stable_name, tensor_shape
+from ..layers import LinearSpec, find_chains, read_linear, replace_chain
 from ..merge_math import compose_linear
-from ..ops import bind
 
 
-def merge_linear_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
-    changed = False
+def merge_linear_chain(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     for chain in find_chains(gm, "linear", read_linear):
         nodes = [call.node for call, _ in chain]
         in_shapes = [tensor_shape(call["input"]) for call, _ in chain]
@@ -29,18 +30,12 @@ def merge_linear_chain(gm: fx.GraphModule, ctx: PassContext) -> bool:
             return ctx.cost.linear(spec, in_shapes[start])
 
         specs = [spec for _, spec in chain]
-        segments = segment_chain(specs, compose, cost, ctx.config.force)
-        for segment in segments:
+        for segment in segment_chain(specs, compose, cost, ctx.config.force):
             members = nodes[segment.start:segment.stop]
-            if len(members) < 2 or not ctx.allows(stable_name(members[-1])):
+            if len(members) < 2:
                 continue
             parts = [(specs[i], in_shapes[i]) for i in range(segment.start, segment.stop)]
-            costs = merge_costs(ctx.cost, "linear", parts, (segment.spec, in_shapes[segment.start]))
-            new = emit_linear(gm, bind(members[0])["input"], segment.spec, replacing=members[-1])
-            names = [stable_name(node) for node in members]
-            replace_node(members[-1], new)
-            for node in reversed(members[:-1]):
-                gm.graph.erase_node(node)
-            ctx.record(names, True, f"{segment.spec.weight.shape[1]} -> {segment.spec.weight.shape[0]}", **costs)
-            changed = True
-    return changed
+            yield Site(stable_name(members[-1]), partial(replace_chain, gm, members, segment.spec),
+                       tuple(map(stable_name, members)),
+                       detail=f"{segment.spec.weight.shape[1]} -> {segment.spec.weight.shape[0]}",
+                       **merge_costs(ctx.cost, "linear", parts, (segment.spec, in_shapes[segment.start])))

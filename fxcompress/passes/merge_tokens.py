@@ -12,10 +12,12 @@ Changes outputs by design (a plan pass).
 from __future__ import annotations
 
 import operator
+from functools import partial
+from typing import Iterator
 
 from torch import fx
 
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..graph import stable_name, tensor_shape
 from ..plan import Decision, PlanAction, check_param_names, is_int
 from ..token_merge import reduce_step
@@ -25,28 +27,29 @@ from ..tokens.graph import layer_output_names
 _PARAMS = ("method", "tokens", "protected", "restore_order")
 
 
-def merge_tokens(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def _insert_reduction(gm: fx.GraphModule, node: fx.Node, params: dict, carried: list) -> None:
+    """Insert `reduce_step` after `node`, fed the sizes and positions in `carried` (from the previous
+    reduction, or None twice), route `node`'s users to the reduced tokens and carry the new ones."""
+    users = list(node.users)
+    with gm.graph.inserting_after(node):
+        step = gm.graph.call_function(reduce_step, (node, *carried), {
+            "method": params["method"], "target": params["tokens"], "protected": params["protected"],
+            "restore": params["restore_order"]})
+    with gm.graph.inserting_after(step):
+        tokens = gm.graph.call_function(operator.getitem, (step, 0))
+        carried[:] = [gm.graph.call_function(operator.getitem, (step, index)) for index in (1, 2)]
+    for user in users:
+        user.replace_input_with(node, tokens)
+
+
+def merge_tokens(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     decisions = {d.target: d.params for d in ctx.plan.decisions if d.action == "merge_tokens"}
-    size = position = None
-    changed = False
+    carried = [None, None]  # sizes and positions flowing from one reduction to the next
     for node in list(gm.graph.nodes):
         params = decisions.get(stable_name(node))
-        if params is None or not ctx.allows(stable_name(node)):
-            continue
-        users = list(node.users)
-        with gm.graph.inserting_after(node):
-            step = gm.graph.call_function(reduce_step, (node, size, position), {
-                "method": params["method"], "target": params["tokens"], "protected": params["protected"],
-                "restore": params["restore_order"]})
-        with gm.graph.inserting_after(step):
-            tokens = gm.graph.call_function(operator.getitem, (step, 0))
-            size = gm.graph.call_function(operator.getitem, (step, 1))
-            position = gm.graph.call_function(operator.getitem, (step, 2))
-        for user in users:
-            user.replace_input_with(node, tokens)
-        ctx.record([stable_name(node)], exact=False, detail=f"{params['method']}: {params['tokens']} tokens left")
-        changed = True
-    return changed
+        if params is not None:
+            yield Site(stable_name(node), partial(_insert_reduction, gm, node, params, carried), exact=False,
+                       detail=f"{params['method']}: {params['tokens']} tokens left")
 
 
 def _validate(decision: Decision, node: fx.Node) -> None:

@@ -6,10 +6,13 @@ an identity shortcut) and the body is erased. Changes outputs by design (unverif
 only where the body's output is zero. The body is erased explicitly, since FX's dead-code elimination keeps
 in-place ops. An add that is not a residual block is refused with a PlanError giving the reason.
 """
+from functools import partial
+from typing import Iterator
+
 from torch import fx
 
 from ..blocks import residual_block
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..errors import PlanError
 from ..graph import names_of_kind, replace_node, stable_name
 from ..plan import PlanAction, takes_no_params
@@ -27,9 +30,13 @@ def _erase_dead(gm: fx.GraphModule, node: fx.Node) -> None:
         erased.add(current)
 
 
-def remove_block(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def _replace_by_shortcut(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, body: fx.Node) -> None:
+    replace_node(add, shortcut)
+    _erase_dead(gm, body)
+
+
+def remove_block(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     targets = set(ctx.plan.targets("remove_block"))
-    changed = False
     for node in list(gm.graph.nodes):
         name = stable_name(node)
         if name not in targets:
@@ -38,12 +45,8 @@ def remove_block(gm: fx.GraphModule, ctx: PassContext) -> bool:
         if not block:
             raise PlanError(f"cannot remove block {name}: {block}")
         _, shortcut, body = block
-        body_name = stable_name(body)
-        replace_node(node, shortcut)
-        _erase_dead(gm, body)
-        ctx.record([name, body_name], False, "block replaced by its shortcut")
-        changed = True
-    return changed
+        yield Site(name, partial(_replace_by_shortcut, gm, node, shortcut, body), (name, stable_name(body)),
+                   exact=False, detail="block replaced by its shortcut")
 
 
 REMOVE_BLOCK = PlanAction("remove_block", remove_block, lambda gm: names_of_kind(gm, "add"), takes_no_params)

@@ -10,11 +10,14 @@ is zero there (an always-off ReLU channel). Changes outputs by design (unverifie
 that reaches the graph output, an op that mixes channels, a grouped conv or a token layout is refused with a
 PlanError naming it.
 """
+from functools import partial
+from typing import Iterator
+
 import torch
 from torch import fx
 
 from ..blocks import ChannelGroup, channel_group, validate_channels
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..errors import PlanError
 from ..graph import add_constant, constant, names_of_kind, stable_name
 from ..ops import bind, set_argument
@@ -35,7 +38,23 @@ def _slice(gm: fx.GraphModule, node: fx.Node, param: str, keep: torch.Tensor, di
     set_argument(node, param, add_constant(gm, hint, tensor.index_select(dim, keep), before=node))
 
 
-def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def _remove_outputs(gm: fx.GraphModule, node: fx.Node, removed: set[int]) -> None:
+    call = bind(node)
+    keep = _keep(constant(gm, call["weight"] if call.kind != "batch_norm" else call["running_mean"]).shape[0],
+                 removed)
+    for param in _PRODUCER_PARAMS:
+        if param in call.args:
+            _slice(gm, node, param, keep, 1 if param == "bias_map" else 0)
+    if call.kind == "conv" and int(call["groups"]) > 1:
+        set_argument(node, "groups", len(keep))
+
+
+def _remove_inputs(gm: fx.GraphModule, node: fx.Node, removed: set[int]) -> None:
+    weight = constant(gm, bind(node)["weight"])
+    _slice(gm, node, "weight", _keep(weight.shape[1], removed), 1)
+
+
+def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     nodes = {stable_name(node): node for node in gm.graph.nodes}
     group = ChannelGroup()
     for decision in ctx.plan.decisions:
@@ -46,20 +65,11 @@ def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
             raise PlanError(f"cannot remove channels of {decision.target}: {found}")
         group.merge(found)
     for node, removed in group.producers.items():
-        call = bind(node)
-        keep = _keep(constant(gm, call["weight"] if call.kind != "batch_norm" else call["running_mean"]).shape[0],
-                     removed)
-        for param in _PRODUCER_PARAMS:
-            if param in call.args:
-                _slice(gm, node, param, keep, 1 if param == "bias_map" else 0)
-        if call.kind == "conv" and int(call["groups"]) > 1:
-            set_argument(node, "groups", len(keep))
-        ctx.record([stable_name(node)], False, f"{len(removed)} output channels removed")
+        yield Site(stable_name(node), partial(_remove_outputs, gm, node, removed), exact=False,
+                   detail=f"{len(removed)} output channels removed")
     for node, removed in group.consumers.items():
-        weight = constant(gm, bind(node)["weight"])
-        _slice(gm, node, "weight", _keep(weight.shape[1], removed), 1)
-        ctx.record([stable_name(node)], False, f"{len(removed)} input channels removed")
-    return bool(group.producers or group.consumers)
+        yield Site(stable_name(node), partial(_remove_inputs, gm, node, removed), exact=False,
+                   detail=f"{len(removed)} input channels removed")
 
 
 REMOVE_CHANNELS = PlanAction("remove_channels", remove_channels, lambda gm: names_of_kind(gm, "activation", "add"),

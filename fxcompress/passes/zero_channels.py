@@ -8,44 +8,56 @@ activation then outputs 0 there, linearised or not: this is how an always-off ch
 a depthwise conv with bias). The weight shapes stay; later merges fold the zero rows. Changes outputs by
 design (unverified).
 """
+from functools import partial
+from typing import Iterator
+
 import torch
 from torch import fx
 
 from ..blocks import validate_channels
-from ..context import PassContext
+from ..context import PassContext, Site
 from ..errors import PlanError
 from ..graph import add_constant, constant, names_of_kind, real_users, stable_name
 from ..ops import bind, set_argument
 from ..plan import PlanAction
 
 
-def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> bool:
+_ZEROED_PARAMS = {"batch_norm": ("weight", "bias"), "conv": ("weight", "bias"), "linear": ("weight", "bias")}
+
+
+def _zeroed(gm: fx.GraphModule, target: str, call, channels: list[int]) -> dict[str, torch.Tensor]:
+    """The params of `call` with `channels` zeroed, by name."""
+    zeroed = {}
+    for param in _ZEROED_PARAMS[call.kind]:
+        if call[param] is None and (call.kind != "batch_norm" or param == "bias"):
+            continue
+        tensor = constant(gm, call[param])
+        if tensor is None:
+            raise PlanError(f"cannot zero channels of {target}: {stable_name(call.node)} has no constant {param}")
+        zeroed[param] = tensor.detach().clone()
+        zeroed[param][torch.tensor(channels)] = 0
+    return zeroed
+
+
+def _set_params(gm: fx.GraphModule, node: fx.Node, params: dict[str, torch.Tensor]) -> None:
+    for param, tensor in params.items():
+        hint = f"{stable_name(node)}_{param}".replace(":", "_")
+        set_argument(node, param, add_constant(gm, hint, tensor, before=node))
+
+
+def zero_channels(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
     nodes = {stable_name(node): node for node in gm.graph.nodes}
-    changed = False
     for decision in ctx.plan.decisions:
         if decision.action != "zero_channels":
             continue
         channels = decision.params["channels"]
         source = bind(nodes[decision.target])["input"]
         call = bind(source) if isinstance(source, fx.Node) else None
-        params = {"batch_norm": ("weight", "bias"), "conv": ("weight", "bias"), "linear": ("weight", "bias")}
-        if call is None or call.kind not in params or len(real_users(call.output)) != 1:
+        if call is None or call.kind not in _ZEROED_PARAMS or len(real_users(call.output)) != 1:
             raise PlanError(f"cannot zero channels of {decision.target}: its input is not a BatchNorm, conv or "
                             "linear used only by it")
-        for param in params[call.kind]:
-            if call[param] is None and (call.kind != "batch_norm" or param == "bias"):
-                continue
-            tensor = constant(gm, call[param])
-            if tensor is None:
-                raise PlanError(f"cannot zero channels of {decision.target}: {stable_name(source)} has no "
-                                f"constant {param}")
-            zeroed = tensor.detach().clone()
-            zeroed[torch.tensor(channels)] = 0
-            hint = f"{stable_name(source)}_{param}".replace(":", "_")
-            set_argument(source, param, add_constant(gm, hint, zeroed, before=source))
-        ctx.record([decision.target, stable_name(source)], False, f"{len(channels)} channels zeroed")
-        changed = True
-    return changed
+        yield Site(decision.target, partial(_set_params, gm, source, _zeroed(gm, decision.target, call, channels)),
+                   (decision.target, stable_name(source)), exact=False, detail=f"{len(channels)} channels zeroed")
 
 
 ZERO_CHANNELS = PlanAction("zero_channels", zero_channels, lambda gm: names_of_kind(gm, "activation"),
