@@ -1,15 +1,21 @@
-"""pytest-benchmark suite: original vs exact-compressed vs half-linearised, eager CPU, batch 1.
+"""pytest-benchmark suite: original vs exact-compressed vs half-linearised, eager CPU, batch 1; and the speed
+of the compiler itself (capture and passes on ResNet-50, as bench/compiler_speed.py measures it).
 
     .venv/bin/python -m pytest bench/test_bench_latency.py --benchmark-json bench/results/pytest_benchmark.json
 
 Compare rows within one run only (same machine, same load); bench/latency_table.py interleaves the
 variants and is the source of the README table.
 """
+import copy
+
 import pytest
 import torch
+import torchvision
 
 import fxcompress
+from fxcompress.capture import capture
 from fxcompress.models import load_model
+from fxcompress.pipeline import compress_graph
 
 MODELS = ["resnet18", "pretrained_mobilenet_v2"]
 _cache = {}
@@ -34,3 +40,24 @@ def test_latency(benchmark, name, kind):
     benchmark.group = name
     with torch.no_grad():
         benchmark.pedantic(module, args=example, rounds=10, warmup_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    example = (torch.randn(1, 3, 224, 224),)
+    with torch.no_grad():
+        return model, capture(model, example), example
+
+
+@pytest.mark.parametrize("stage", ["capture", "passes"])
+def test_compiler_speed(benchmark, resnet50, stage):
+    model, captured, example = resnet50
+    benchmark.group = "compiler resnet50"
+    with torch.no_grad():
+        if stage == "capture":
+            benchmark.pedantic(capture, args=(model, example), rounds=5, warmup_rounds=1)
+        else:
+            benchmark.pedantic(compress_graph, setup=lambda: ((copy.deepcopy(captured), example), {}), rounds=5,
+                               warmup_rounds=1)

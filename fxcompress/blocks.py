@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from .graph import channel_width, constant, module_path, real_users, stable_name, tensor_shape
-from .layers import NoMatch
+from .errors import NoMatch
 from .ops import OpCall, bind
 from .plan import Decision, check_channels
 

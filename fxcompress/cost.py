@@ -10,14 +10,12 @@ constant derived from the weights, one add per output like a bias) is not counte
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from .errors import valid_choice
-from .layers import LinearSpec
-from .merge_math import ConvSpec, conv_macs
+from .merge_math import ConvSpec, LinearSpec, layer_macs
 
 COST_MODELS = ("macs", "latency")
 
@@ -82,14 +80,13 @@ class CostModel:
         params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())
         if self.kind == "latency":
             return self.table.latency(spec, in_shape), params
-        macs = conv_macs(spec.out_channels, spec.in_channels, spec.kernel_size, spec.groups, out_size)
-        return in_shape[0] * macs, params
+        return layer_macs(spec.weight.shape, (in_shape[0], spec.out_channels, *out_size)), params
 
     def linear(self, spec: LinearSpec, in_shape) -> tuple[float, int]:
         params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())
         if self.kind == "latency":
             return self.table.latency(spec, in_shape), params
-        return math.prod(in_shape[:-1]) * spec.weight.numel(), params
+        return layer_macs(spec.weight.shape, (*in_shape[:-1], spec.weight.shape[0])), params
 
 
 def merge_costs(model: CostModel, op: str, parts: list[tuple], merged: tuple) -> dict:

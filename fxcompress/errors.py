@@ -1,6 +1,15 @@
-"""Typed errors: each names the option, node, pass or package at fault."""
+"""Typed errors, each naming the option, node, pass or package at fault; and `NoMatch`, the reason a pass did
+not rewrite a site."""
 import math
 from numbers import Real
+
+
+class NoMatch(str):
+    """Why a pattern did not match (reported as a skip, not raised); falsy so that `if not match:` reads
+    naturally."""
+
+    def __bool__(self) -> bool:
+        return False
 
 
 class FxCompressError(Exception):

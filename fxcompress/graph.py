@@ -1,9 +1,11 @@
 """Small FX helpers shared by the passes: constants, users, names, shapes."""
 from __future__ import annotations
 
+import copy
 import operator
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -34,10 +36,9 @@ def constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
     """Register `value` on `gm` under a fresh name and return a `get_attr` node for it."""
-    base = re.sub(r"\W", "_", hint)
-    taken = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+    base = re.sub(r"\W", "_", hint)  # no dots: a top-level attribute, so hasattr sees every clash
     name, index = base, 0
-    while name in taken or hasattr(gm, name):
+    while hasattr(gm, name):
         index += 1
         name = f"{base}_{index}"
     gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
@@ -59,10 +60,10 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 @torch.no_grad()
-def annotate_shapes(gm: fx.GraphModule, inputs) -> None:
-    """Replay the graph on fresh copies of `inputs` (it may write into them) and store every tensor output's
-    shape under `meta.SHAPE`."""
-    _ShapeRecorder(gm).run(*fresh(inputs))
+def annotate_shapes(gm: fx.GraphModule, inputs):
+    """Replay the graph on fresh copies of `inputs` (it may write into them), store every tensor output's
+    shape under `meta.SHAPE` and return the graph's output."""
+    return _ShapeRecorder(gm).run(*fresh(inputs))
 
 
 def graph_inputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -127,6 +128,23 @@ def stable_name(node: fx.Node) -> str:
     return node.meta.get(meta.STABLE_NAME, node.name)
 
 
+INHERITED_META = ("nn_module_stack", "stack_trace", meta.SHAPE)  # module, source line, output shape
+
+
+def name_new_node(node: fx.Node, like: fx.Node) -> None:
+    """Give `node`, written by a pass in place of `like` (with an output of the same shape), `like`'s module,
+    source line and shape, and a stable name of its own in the `annotate_names` form, `<module path>:<op>#k`,
+    unique in the graph."""
+    node.meta.update({key: like.meta[key] for key in INHERITED_META if key in like.meta})
+    base = f"{module_path(node) or 'root'}:{op_name(node)}"
+    taken = {stable_name(other) for other in node.graph.nodes if other is not node}
+    name, count = base, 0
+    while name in taken:
+        count += 1
+        name = f"{base}#{count}"
+    node.meta[meta.STABLE_NAME] = name
+
+
 def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Route all users of `old` (or of the getitem that unpacks it) to `new`, then drop `old`."""
     call = bind(old)
@@ -156,6 +174,46 @@ def writes_in_place(node: fx.Node) -> bool:
         return True
     call = bind(node)
     return bool(node.kwargs.get("inplace") or (call is not None and call.args.get("inplace")))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A graph as it was, to roll back to: its nodes and the objects its `get_attr` and `call_module` nodes read
+    (shared, not copied: passes never write a tensor in place, they register new constants)."""
+
+    graph: fx.Graph
+    attributes: dict[str, object]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "Snapshot":
+        graph = copy.deepcopy(gm.graph)
+        return cls(graph, {node.target: operator.attrgetter(node.target)(gm) for node in graph.nodes
+                           if node.op in ("get_attr", "call_module")})
+
+    def restore(self, gm: fx.GraphModule) -> None:
+        """Put `gm` back as it was, in place (a GraphModule keeps attributes that its graph does not show)."""
+        for target, value in self.attributes.items():
+            _set_attribute(gm, target, value)
+        gm.graph = copy.deepcopy(self.graph)
+
+    def module(self) -> fx.GraphModule:
+        """A new GraphModule as `gm` was."""
+        return fx.GraphModule(self.attributes, copy.deepcopy(self.graph))
+
+
+def _set_attribute(gm: fx.GraphModule, target: str, value) -> None:
+    *path, leaf = target.split(".")
+    owner = gm
+    for name in path:
+        if not hasattr(owner, name):
+            owner.add_module(name, torch.nn.Module())
+        owner = getattr(owner, name)
+    if isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(leaf, value)
+    else:
+        setattr(owner, leaf, value)
 
 
 def remove_unused_constants(gm: fx.GraphModule) -> None:

@@ -1,31 +1,17 @@
-"""Read conv/linear nodes as math specs and write specs back as nodes.
+"""Read conv/linear nodes as math specs (`merge_math`) and write specs back as nodes.
 
 Readers return the spec, or a `NoMatch` (a falsy string) saying why the node cannot take part in a merge,
-so that a pass can skip it and report the reason.
+so that a pass can skip it and report the reason. A node written here inherits only the module, source line
+and shape of the node it replaces (`graph.name_new_node`) and gets a stable name of its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import fx
 
-from .graph import add_constant, constant, real_users, replace_node, stable_name, tensor_shape
-from .merge_math import ConvSpec, numeric_padding
+from .errors import NoMatch
+from .graph import add_constant, constant, name_new_node, real_users, replace_node, stable_name, tensor_shape
+from .merge_math import ConvSpec, LinearSpec, numeric_padding
 from .ops import CONV_BY_DIMS, OpCall, aten, as_tuple, bind, conv_with_bias_map
-
-
-class NoMatch(str):
-    """Why a pattern did not match; falsy so that `if not match:` reads naturally."""
-
-    def __bool__(self) -> bool:
-        return False
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    weight: torch.Tensor  # [out, in]
-    bias: torch.Tensor | None
 
 
 def _optional_constant(gm: fx.GraphModule, value, what: str):
@@ -86,7 +72,7 @@ def emit_conv(gm: fx.GraphModule, input: fx.Node, spec: ConvSpec, *, replacing: 
             bias_map = add_constant(gm, f"{hint}_bias_map", spec.bias_map.unsqueeze(0), before=replacing)
             node = gm.graph.call_function(conv_with_bias_map, (input, weight, bias, list(spec.stride),
                                                                 list(spec.padding), spec.groups, bias_map))
-    node.meta.update({key: value for key, value in replacing.meta.items() if key != "val"})
+    name_new_node(node, replacing)
     return node
 
 
@@ -96,7 +82,7 @@ def emit_linear(gm: fx.GraphModule, input: fx.Node, spec: LinearSpec, *, replaci
     bias = None if spec.bias is None else add_constant(gm, f"{hint}_bias", spec.bias, before=replacing)
     with gm.graph.inserting_before(replacing):
         node = gm.graph.call_function(aten.linear.default, (input, weight, bias))
-    node.meta.update({key: value for key, value in replacing.meta.items() if key != "val"})
+    name_new_node(node, replacing)
     return node
 
 

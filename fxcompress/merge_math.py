@@ -1,4 +1,6 @@
-"""Tensor math that merges chains and sums of linear operators into one operator."""
+"""Tensor math that merges chains and sums of linear operators into one operator: the specs of a conv and a
+linear, their arithmetic and their cost in multiply-accumulates. No FX here (`layers.py` reads and writes
+specs as graph nodes)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ def _conv_function(spatial_dims: int) -> Callable[..., Tensor]:
     if spatial_dims not in _CONV_BY_DIMS:
         raise ValueError(f"only 1, 2 or 3 spatial dims are supported, got {spatial_dims}")
     return _CONV_BY_DIMS[spatial_dims]
+
+
+@dataclass(frozen=True, eq=False)
+class LinearSpec:
+    """y = x weight^T + bias."""
+
+    weight: Tensor  # [out, in]
+    bias: Tensor | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,6 +147,12 @@ def _per_output_channel(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def batchnorm_scale(running_var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
+    """s = gamma / sqrt(var + eps), per channel: what an eval-mode BatchNorm multiplies its input by."""
+    scale = torch.rsqrt(running_var + eps)
+    return scale if gamma is None else scale * gamma
+
+
 def fold_batchnorm(
     weight: Tensor,
     bias: Tensor | None,
@@ -154,14 +170,30 @@ def fold_batchnorm(
     for name, stat in per_channel.items():
         if stat is not None and tuple(stat.shape) != (channels,):
             raise ValueError(f"{name} shape {tuple(stat.shape)} != ({channels},)")
-    scale = torch.rsqrt(running_var + eps)
-    if gamma is not None:
-        scale = scale * gamma
+    scale = batchnorm_scale(running_var, gamma, eps)
     shifted_bias = -running_mean if bias is None else bias - running_mean
     folded_bias = scale * shifted_bias
     if beta is not None:
         folded_bias = folded_bias + beta
     return weight * _per_output_channel(scale, weight), folded_bias
+
+
+def fold_batchnorm_into(
+    spec: ConvSpec | LinearSpec,
+    running_mean: Tensor,
+    running_var: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    eps: float,
+) -> ConvSpec | LinearSpec:
+    """`spec` followed by an eval-mode BatchNorm as one spec; a conv's bias map is scaled like its output."""
+    weight, bias = fold_batchnorm(spec.weight, spec.bias, running_mean, running_var, gamma, beta, eps)
+    if isinstance(spec, LinearSpec):
+        return LinearSpec(weight, bias)
+    bias_map = spec.bias_map
+    if bias_map is not None:
+        bias_map = bias_map * _per_output_channel(batchnorm_scale(running_var, gamma, eps), bias_map)
+    return spec.with_weights(weight, bias, bias_map)
 
 
 def compose_linear(
@@ -334,9 +366,7 @@ def add_parallel_convs(a: ConvSpec, b: ConvSpec, in_size: Sequence[int]) -> Conv
     )
 
 
-def conv_macs(
-    out_channels: int, in_channels: int, kernel_size: Sequence[int], groups: int, out_size: Sequence[int]
-) -> int:
-    """Multiply-accumulates of one conv producing out_size spatially (per batch element)."""
-    _group_sizes(out_channels, in_channels, groups)
-    return out_channels * (in_channels // groups) * math.prod(kernel_size) * math.prod(out_size)
+def layer_macs(weight_shape: Sequence[int], output_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of a conv or linear: each output element reads one weight row (in_channels / groups
+    times the kernel for a conv, in_features for a linear)."""
+    return math.prod(output_shape) * math.prod(weight_shape[1:])

@@ -10,7 +10,6 @@ and reported, not rolled back.
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Container
@@ -22,11 +21,11 @@ from .config import CompressConfig
 from .context import PassContext, Site
 from .cost import CostModel, LatencyTable
 from .errors import PassError, PlanError
-from .graph import annotate_names, annotate_shapes, names_of_kind, remove_unused_constants, stable_name
+from .graph import Snapshot, annotate_names, annotate_shapes, names_of_kind, remove_unused_constants, stable_name
 from .passes import EXACT_PASSES, PLAN_ACTIONS, fold_constants
 from .plan import Plan
 from .report import Check, Metrics, Report, Rewrite
-from .verify import outputs, relative_error, sample_inputs, tolerance_for
+from .verify import output_tensors, outputs, relative_error, sample_inputs, tolerance_for
 
 MAX_ROUNDS = 8
 
@@ -109,12 +108,16 @@ class Pipeline:
         self.excluded: dict[str, set[str]] = {}
         self.skips: list = []
         annotate_names(gm)
-        annotate_shapes(gm, self.flat_inputs)
+        reference = self._replay(gm)
         check_plan(gm, plan)
         self.report.before = Metrics.of(gm)
-        self.state = _State(gm, outputs(gm, self.samples))
+        self.state = _State(gm, reference)
         self.tolerance = tolerance_for(config.tolerance, [self.state.reference, self.flat_inputs,
                                                           list(gm.state_dict().values())])
+
+    def _replay(self, gm: fx.GraphModule) -> list:
+        """The outputs of `gm` on every sample, annotating its shapes on the first (the example inputs)."""
+        return [output_tensors(annotate_shapes(gm, self.samples[0])), *outputs(gm, self.samples[1:])]
 
     def run_pass(self, rewrite_pass: Callable, verify: bool = True) -> bool:
         """Apply one pass and measure the change of the outputs. With `verify`, a pass whose sites all claim
@@ -123,21 +126,20 @@ class Pipeline:
         name, gm = rewrite_pass.__name__, self.state.gm
         ctx = PassContext(self.config, name, plan=self.plan, cost=self.cost)
         excluded = self.excluded.setdefault(name, set())
-        snapshots: list[fx.GraphModule] = []
+        snapshots: list[Snapshot] = []
         applied = apply_pass(rewrite_pass, gm, ctx, excluded=excluded,
-                             before_change=lambda: snapshots.append(copy.deepcopy(gm)))
+                             before_change=lambda: snapshots.append(Snapshot.of(gm)))
         if not applied:
             self.skips += ctx.skips
             return False
-        annotate_shapes(gm, self.flat_inputs)
-        result = outputs(gm, self.samples)
+        result = self._replay(gm)
         error = relative_error(self.state.reference, result)
         if verify and all(site.exact for site in applied) and error > self.tolerance:
-            original = snapshots[0]
-            culprit = applied[self._faulty_prefix(rewrite_pass, original, len(applied)) - 1].node
+            culprit = applied[self._faulty_prefix(rewrite_pass, snapshots[0], len(applied)) - 1].node
             excluded.add(culprit)
             self.report.checks.append(Check(name, error, rolled_back=culprit))
-            self.state.gm = original
+            snapshots[0].restore(gm)
+            remove_unused_constants(gm)
             return self.run_pass(rewrite_pass, verify)
         self.report.rewrites += [_rewrite(name, site) for site in applied]
         self.skips += ctx.skips
@@ -145,7 +147,7 @@ class Pipeline:
         self.state = _State(gm, result)
         return True
 
-    def _faulty_prefix(self, rewrite_pass: Callable, original: fx.GraphModule, count: int) -> int:
+    def _faulty_prefix(self, rewrite_pass: Callable, original: Snapshot, count: int) -> int:
         """Length of the shortest prefix of the pass's sites that breaks the outputs: its last site is at fault
         (the pass yields the same sites in the same order on every copy of `original`)."""
         low, high = 1, count
@@ -157,8 +159,8 @@ class Pipeline:
                 low = middle + 1
         return low
 
-    def _prefix_breaks(self, rewrite_pass: Callable, original: fx.GraphModule, limit: int) -> bool:
-        gm = copy.deepcopy(original)
+    def _prefix_breaks(self, rewrite_pass: Callable, original: Snapshot, limit: int) -> bool:
+        gm = original.module()
         ctx = PassContext(self.config, rewrite_pass.__name__, plan=self.plan, cost=self.cost)
         apply_pass(rewrite_pass, gm, ctx, excluded=self.excluded[rewrite_pass.__name__], limit=limit)
         return relative_error(self.state.reference, outputs(gm, self.samples)) > self.tolerance

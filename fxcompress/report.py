@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from torch import fx
 
 from .graph import constant, tensor_shape
+from .merge_math import layer_macs
 from .ops import bind
 
 
@@ -44,10 +44,7 @@ class Metrics:
 def _macs(call) -> int:
     out_shape = tensor_shape(call.node)
     weight_shape = tensor_shape(call["weight"])
-    if out_shape is None or weight_shape is None:
-        return 0
-    per_output = math.prod(weight_shape[1:])  # Cin/groups * kernel for conv, in_features for linear
-    return math.prod(out_shape) * per_output
+    return 0 if out_shape is None or weight_shape is None else layer_macs(weight_shape, out_shape)
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,15 @@ def fresh(inputs):
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), inputs)
 
 
+def output_tensors(result) -> list[torch.Tensor]:
+    """The tensors of a graph's output, in pytree order."""
+    return [t.detach() for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+
+
 @torch.no_grad()
 def outputs(gm: fx.GraphModule, samples: list[tuple]) -> list[list[torch.Tensor]]:
     """The tensor outputs of `gm` on fresh copies of each sample."""
-    return [[t.detach() for t in pytree.tree_leaves(gm(*fresh(args))) if isinstance(t, torch.Tensor)]
-            for args in samples]
+    return [output_tensors(gm(*fresh(args))) for args in samples]
 
 
 def tolerance_for(tolerance: float, tensors) -> float:

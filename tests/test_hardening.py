@@ -315,13 +315,13 @@ def test_low_precision_models_fold_without_rollback(entry, dtype):
 
 def test_low_precision_tolerance_still_catches_a_wrong_fold(monkeypatch):
     module = importlib.import_module("fxcompress.passes.fold_batchnorm")
-    real = module.fold_batchnorm_weights
+    real = module.fold_batchnorm_into
 
     def twenty_percent_off(*args):
-        weight, bias = real(*args)
-        return weight * 1.2, bias
+        folded = real(*args)
+        return folded.with_weights(folded.weight * 1.2, folded.bias)
 
-    monkeypatch.setattr(module, "fold_batchnorm_weights", twenty_percent_off)
+    monkeypatch.setattr(module, "fold_batchnorm_into", twenty_percent_off)
     result = fxcompress.compress(small_net().half(), (x.half(),))
     assert not rewrites([result.report], "fold_batchnorm")
     assert len(result.report.rollbacks) == 2

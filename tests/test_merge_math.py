@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 import torch.nn.functional as F
 
 from fxcompress.merge_math import (
@@ -10,7 +11,7 @@ from fxcompress.merge_math import (
     add_parallel_convs,
     compose_conv,
     compose_linear,
-    conv_macs,
+    layer_macs,
     conv_output_size,
     densify_groups,
     fold_batchnorm,
@@ -163,12 +164,20 @@ def test_conv_output_size_rejects_oversized_kernel_and_length_mismatch():
         conv_output_size((3, 3), (1,), (1,), (0,))
 
 
-def test_conv_macs_known_cases():
-    assert conv_macs(128, 64, (3, 3), 1, (56, 56)) == 128 * 64 * 9 * 3136
-    assert conv_macs(32, 32, (3, 3), 32, (112, 112)) == 32 * 9 * 112 * 112
-    assert conv_macs(8, 4, (5,), 2, (10,)) == 8 * 2 * 5 * 10
-    with pytest.raises(ValueError, match="groups"):
-        conv_macs(8, 6, (3,), 4, (10,))
+def test_layer_macs_known_cases():
+    assert layer_macs((128, 64, 3, 3), (1, 128, 56, 56)) == 128 * 64 * 9 * 3136
+    assert layer_macs((32, 1, 3, 3), (1, 32, 112, 112)) == 32 * 9 * 112 * 112  # depthwise: 1 input per group
+    assert layer_macs((8, 2, 5), (1, 8, 10)) == 8 * 2 * 5 * 10  # 4 -> 8 channels, 2 groups
+    assert layer_macs((10, 20), (3, 7, 10)) == 3 * 7 * 10 * 20  # a linear on [3, 7, 20] tokens
+
+
+@pytest.mark.parametrize("layer, shape", [(torch.nn.Conv2d(4, 8, 3, stride=2, groups=2), (2, 4, 9, 9)),
+                                          (torch.nn.Conv1d(6, 6, 5, padding=2, groups=6), (1, 6, 11)),
+                                          (torch.nn.Linear(20, 10), (3, 7, 20))])
+def test_layer_macs_match_torch_flop_counter(layer, shape):
+    with FlopCounterMode(display=False) as counter:
+        output = layer(torch.randn(shape))
+    assert 2 * layer_macs(layer.weight.shape, output.shape) == counter.get_total_flops()
 
 
 # ---- BatchNorm folding, linear composition ---------------------------------------------------------------

@@ -217,13 +217,13 @@ def test_cleanup_drops_eval_dropout(capture):
 
 def test_faulty_exact_rewrite_is_rolled_back_and_named(monkeypatch):
     module = importlib.import_module("fxcompress.passes.fold_batchnorm")
-    real = module.fold_batchnorm_weights
+    real = module.fold_batchnorm_into
 
-    def wrong_for_8_channels(weight, *args):
-        w, b = real(weight, *args)
-        return (w * 1.1, b) if weight.shape[0] == 8 else (w, b)
+    def wrong_for_8_channels(spec, *args):
+        folded = real(spec, *args)
+        return folded.with_weights(folded.weight * 1.1, folded.bias) if folded.out_channels == 8 else folded
 
-    monkeypatch.setattr(module, "fold_batchnorm_weights", wrong_for_8_channels)
+    monkeypatch.setattr(module, "fold_batchnorm_into", wrong_for_8_channels)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                           nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))

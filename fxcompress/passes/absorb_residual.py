@@ -14,7 +14,8 @@ from torch import fx
 from ..context import PassContext, Site
 from ..cost import merge_costs
 from ..graph import real_users, replace_node, stable_name, tensor_shape
-from ..layers import NoMatch, emit_conv, read_conv, spatial_size
+from ..errors import NoMatch
+from ..layers import emit_conv, read_conv, spatial_size
 from ..merge_math import add_parallel_convs, identity_conv
 from ..ops import OpCall, bind
 

@@ -1,7 +1,7 @@
 """fold_batchnorm: fold an eval-mode BatchNorm into the conv or linear that feeds it.
 
 W' = s * W and b' = s * (b - mean) + beta with s = gamma / sqrt(var + eps), per output channel
-(`merge_math.fold_batchnorm`); stride, padding and dilation do not matter to a fold. Needs: the producer's
+(`merge_math.fold_batchnorm_into`); stride, padding and dilation do not matter to a fold. Needs: the producer's
 only user is the BatchNorm; weights and statistics are constants (`fold_constants` first turns weights
 computed from parameters alone, such as prune masks and weight_norm, into constants); a conv readable by
 `layers.read_conv` (padding "same" with an even kernel is not); for a linear producer, a 2-d output
@@ -11,13 +11,13 @@ in training mode. A site it cannot read is skipped with the reason.
 from functools import partial
 from typing import Iterator
 
-import torch
 from torch import fx
 
 from ..context import PassContext, Site
+from ..errors import NoMatch
 from ..graph import constant, real_users, replace_node, stable_name, tensor_shape
-from ..layers import LinearSpec, NoMatch, emit_conv, emit_linear, read_conv, read_linear
-from ..merge_math import ConvSpec, fold_batchnorm as fold_batchnorm_weights
+from ..layers import emit_conv, emit_linear, read_conv, read_linear
+from ..merge_math import ConvSpec, fold_batchnorm_into
 from ..ops import OpCall, bind
 
 
@@ -58,15 +58,10 @@ def _match(gm: fx.GraphModule, bn: OpCall):
 
 
 def _fold(gm: fx.GraphModule, bn: OpCall, producer: OpCall, spec, stats: dict) -> None:
-    mean, var, gamma, beta = stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"]
-    eps = float(bn["eps"])
-    weight, bias = fold_batchnorm_weights(spec.weight, spec.bias, mean, var, gamma, beta, eps)
-    if isinstance(spec, ConvSpec):
-        scale = (1.0 if gamma is None else gamma) / torch.sqrt(var + eps)
-        bias_map = None if spec.bias_map is None else spec.bias_map * scale.reshape(-1, *[1] * spec.spatial_dims)
-        new = emit_conv(gm, producer["input"], spec.with_weights(weight, bias, bias_map), replacing=producer.node)
-    else:
-        new = emit_linear(gm, producer["input"], LinearSpec(weight, bias), replacing=producer.node)
+    folded = fold_batchnorm_into(spec, stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"],
+                                 float(bn["eps"]))
+    emit = emit_conv if isinstance(folded, ConvSpec) else emit_linear
+    new = emit(gm, producer["input"], folded, replacing=producer.node)
     replace_node(bn.node, new)
     replace_node(producer.node, new)
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..context import PassContext, Site
 from ..graph import add_constant, constant, is_guard, real_users, stable_name, writes_in_place
-from ..layers import NoMatch
+from ..errors import NoMatch
 from ..ops import bind
 
 MAX_EXPANSION = 8

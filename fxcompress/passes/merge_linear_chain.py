@@ -14,8 +14,8 @@ from ..chains import segment_chain
 from ..context import PassContext, Site
 from ..cost import merge_costs
 from ..graph import stable_name, tensor_shape
-from ..layers import LinearSpec, find_chains, read_linear, replace_chain
-from ..merge_math import compose_linear
+from ..layers import find_chains, read_linear, replace_chain
+from ..merge_math import LinearSpec, compose_linear
 
 
 def merge_linear_chain(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
