@@ -90,8 +90,8 @@ class CostModel:
 
 
 def merge_costs(model: CostModel, op: str, parts: list[tuple], merged: tuple) -> dict:
-    """`PassContext.record` arguments for a merge: MACs before/after (the prediction) and, with the latency
-    model, measured latency before/after. `parts` and `merged` are argument tuples of `CostModel.<op>`."""
+    """The `macs` and `latency` fields of a merge's `Site`: MACs before/after (the prediction) and, with the
+    latency model, measured latency before/after. `parts` and `merged` are argument tuples of `CostModel.<op>`."""
     macs = getattr(MACS, op)
     costs = {"macs": (sum(macs(*part)[0] for part in parts), macs(*merged)[0])}
     if model.kind == "latency":

@@ -4,9 +4,9 @@ Kernel K = k1 + (k2 - 1) * s1, stride s1 * s2, padding p1 + p2 * s1 (`merge_math
 is exact when the second conv has no padding, or when the first kernel is 1x1 (the border is then fixed
 by an input-independent bias map for the captured resolution); otherwise it is approximate on the border
 ring and applied only with `allow_approximate`. `chains.segment_chain` picks the segments: cheapest in
-cost (MACs or measured latency, see `cost.py`) with no more parameters, or fewest convs with `force`. Reads `meta.SHAPE` (spatial sizes). Does not merge
-across a fan-out, a pooling or any op missing from the op table; dilated convs (refused with a reason:
-the composition is for dilation 1) and transposed convs stay.
+cost (MACs or measured latency, see `cost.py`) with no more parameters, or fewest convs with `force`.
+Reads `meta.SHAPE` (spatial sizes). Does not merge across a fan-out, a pooling or any op missing from the
+op table; dilated convs (refused with a reason: the composition is for dilation 1) and transposed convs stay.
 """
 from functools import partial
 from typing import Iterator
