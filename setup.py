@@ -18,7 +18,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
     },
     entry_points={
-        "torch_dynamo_backends": ["depthprune = fxcompress.backend:depthprune"],
+        "torch_dynamo_backends": ["depthprune = fxcompress.dynamo_backend:depthprune"],
         "console_scripts": ["fxcompress = fxcompress.cli:main"],
     },
 )

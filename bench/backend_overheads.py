@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fxcompress.backend import DepthPruneCompiled
+from fxcompress.dynamo_backend import DepthPruneCompiled
 from fxcompress.capture import capture
 from fxcompress.measure import machine
 

@@ -7,12 +7,13 @@ import torch
 from torch import fx
 
 from .capture import capture, check_inputs
+from .compiler import compress_captured
 from .config import CompressConfig
 from .errors import CaptureError, OptionError
 from .graph import annotate_names
-from .pipeline import activation_names as graph_activation_names, compress_graph
+from .pipeline import activation_names as graph_activation_names
 from .plan import Plan
-from .planner import PLANNER_OPTIONS, check_max_error, find_plan
+from .planner import PLANNER_OPTIONS, check_max_error
 from .report import Report
 from .tokens import TokenConfig, reduce_tokens
 
@@ -33,13 +34,13 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
 
     Options are the fields of `CompressConfig` (allow_approximate, force, max_kernel_size, tolerance).
     `tokens` (a `TokenConfig` or its fields as a dict) first reduces a ViT's tokens on a copy of the model
-    (`reduce_tokens`), which is then captured. `criterion` ("bn", "entropy", "ot") finds the plan instead
-    (`planner.find_plan` with `calibration`, `max_error` and the `planner` keywords: the budget activations,
-    macs_ratio or max_drop + evaluator, and aggregate); the plan found is returned. `dynamic_batch=True`
-    captures dim 0 of the inputs as symbolic, so that the result runs on any batch size (other dims stay
-    fixed), or raises CaptureError where the model fixes its batch; False keeps the example's batch; None
-    (the default) is dynamic where the model allows it, else static (`CompressResult.dynamic_batch` says
-    which). The caller's model is never modified.
+    (`reduce_tokens`), which is then captured. `criterion` ("bn", "entropy", "ot") finds the plan instead, on
+    the captured graph that is compressed (`planner.plan_graph` with `calibration`, `max_error` and the
+    `planner` keywords: the budget activations, macs_ratio or max_drop + evaluator, and aggregate); the plan
+    found is returned. `dynamic_batch=True` captures dim 0 of the inputs as symbolic, so that the result runs
+    on any batch size (other dims stay fixed), or raises CaptureError where the model fixes its batch; False
+    keeps the example's batch; None (the default) is dynamic where the model allows it, else static
+    (`CompressResult.dynamic_batch` says which). The caller's model is never modified.
     """
     if dynamic_batch not in (None, True, False):
         raise OptionError(f"option 'dynamic_batch' must be True, False or None, got {dynamic_batch!r}")
@@ -49,19 +50,20 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
     example_inputs = check_inputs(model, example_inputs)
     check_max_error(max_error)
     plan = Plan.load(plan)
+    planner_options = None
     if criterion is not None:
         if plan.decisions:
             raise OptionError("pass either plan or criterion, not both")
         unknown = sorted(set(planner or {}) - set(PLANNER_OPTIONS))
         if unknown:
             raise OptionError(f"unknown planner option(s) {', '.join(unknown)}; valid: {', '.join(PLANNER_OPTIONS)}")
-        plan = find_plan(model, example_inputs, criterion=criterion, calibration=calibration, max_error=max_error,
-                         config=config, **(planner or {})).plan
+        planner_options = {"calibration": calibration, "max_error": max_error, **(planner or {})}
     if tokens is not None:
         model = reduce_tokens(model, tokens)
     with torch.no_grad():
         gm, dynamic_batch = _capture(model, example_inputs, dynamic_batch)
-        gm, report = compress_graph(gm, example_inputs, config, plan)
+    gm, report, plan = compress_captured(gm, example_inputs, config, plan, criterion=criterion,
+                                         planner=planner_options, model=type(model).__name__)
     return CompressResult(gm, plan, report, dynamic_batch)
 
 

@@ -1,4 +1,6 @@
-"""capture: an nn.Module and example inputs become an FX GraphModule through torch.export.
+"""capture: how a graph comes in. An nn.Module and example inputs become an FX GraphModule through
+torch.export (`capture`); a graph that dynamo hands the `depthprune` backend gets its weight placeholders
+baked into constants (`bake_weights`). Both then take the same path (`compiler.compress_captured`).
 
 The result is a private copy: export runs on a deep copy of the caller's model, so passes may edit the graph
 and its weights in place, and an export that fails half-way cannot leave the caller's parameters swapped for
@@ -9,7 +11,12 @@ compilation in another thread.
 With `dynamic_batch`, dim 0 of every tensor input whose leading size is the batch's becomes one symbolic
 size, so the graph runs on any batch size (export specialises sizes 0 and 1, so a batch of 1 is traced as
 a batch of 2). Every other dim stays static: rewrites made for the captured resolution (bias maps) stay valid.
-Graphs that dynamo hands a backend come in through `backend.py` instead and meet the same passes.
+
+Dynamo passes weights as graph inputs. `weight_placeholders` finds the inputs used only as weights, biases or
+statistics of the ops the passes rewrite (directly or through ops that compute a weight from them, such as a
+prune mask), `scalar_placeholders` the 0-d module attributes read with `.item()`; `bake_weights` turns both
+into constants of a copy of the graph. The backend checks at each call that the baked tensors are unchanged
+(`dynamo_backend`).
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from torch._dynamo.convert_frame import compile_lock
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .graph import graph_inputs, is_guard, writes_in_place
+from .ops import bind
 
 EXPORT_LOCK = compile_lock  # dynamo's own (re-entrant) lock: exports wait for compilations and vice versa
 
@@ -132,3 +141,71 @@ def mark_inference(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         module.training = False
     return model
+
+
+WEIGHT_PARAMS = {"weight", "bias", "running_mean", "running_var", "bias_map"}
+
+
+def weight_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Indices of placeholders used only as weights, biases or statistics of ops the passes rewrite, directly
+    or through ops that compute a weight from them (a prune mask, weight_norm: `fold_constants` folds those)."""
+    indices = []
+    for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
+        uses = [user for user in node.users if not is_guard(user)]
+        if isinstance(value, torch.Tensor) and uses and all(_is_weight_use(user, node) for user in uses):
+            indices.append(index)
+    return indices
+
+
+def scalar_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Indices of 0-d tensors read only through `.item()`: module attributes such as a BatchNorm eps or a
+    dropout probability, which dynamo passes as inputs when compiling with dynamic=True."""
+    indices = []
+    for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and node.users and \
+                all(user.op == "call_method" and user.target == "item" for user in node.users):
+            indices.append(index)
+    return indices
+
+
+def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
+    call = bind(user)
+    if call is None or call.kind not in ("conv", "linear", "batch_norm"):
+        return _is_derived_weight(user)
+    if call.kind == "batch_norm" and call["training"] is not False:
+        return False  # training mode updates the running statistics in place: they must stay the caller's
+    return any(arg is value for name, arg in call.args.items() if name in WEIGHT_PARAMS) and \
+        call.args.get("input") is not value
+
+
+def _is_derived_weight(node: fx.Node) -> bool:
+    """Whether `node` computes a weight from weights (weight_orig * weight_mask of a pruned conv, a
+    weight_norm): no in-place write, every use a weight use or the graph output (where dynamo returns the
+    weight that a forward pre-hook stores on the module), and at least one use a weight use."""
+    if node.op not in ("call_function", "call_method") or writes_in_place(node):
+        return False
+    uses = [user for user in node.users if not is_guard(user) and user.op != "output"]
+    return bool(uses) and all(_is_weight_use(user, node) for user in uses)
+
+
+def bake_weights(gm: fx.GraphModule, example_inputs, weights: list[int], scalars: list[int] = ()
+                 ) -> fx.GraphModule:
+    """A copy of `gm` in which the placeholders at `weights` are constants holding copies of those tensors
+    and the `.item()` reads of the placeholders at `scalars` are their values."""
+    baked = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    env: dict[fx.Node, object] = {}
+    for index, node in enumerate(graph_inputs(gm)):
+        if index in weights:
+            name = f"baked_{node.name}"
+            baked.register_buffer(name, example_inputs[index].detach().clone())
+            env[node] = baked.graph.get_attr(name)
+        elif index in scalars:
+            for item in node.users:
+                env[item] = example_inputs[index].item()
+        else:
+            env[node] = baked.graph.node_copy(node, lambda n: env[n])
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" and node not in env:
+            env[node] = baked.graph.node_copy(node, lambda n: env[n])
+    baked.recompile()
+    return baked

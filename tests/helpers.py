@@ -7,8 +7,7 @@ import torch
 import torchvision
 
 import fxcompress
-from fxcompress.backend import bake_weights, scalar_placeholders, weight_placeholders
-from fxcompress.capture import capture
+from fxcompress.capture import bake_weights, capture, scalar_placeholders, weight_placeholders
 from fxcompress.graph import annotate_names
 from fxcompress.pipeline import activation_names
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxcompress.backend import depthprune
+from fxcompress.dynamo_backend import depthprune
 from fxcompress.errors import OptionError
 from helpers import randomize_batchnorm, relative_error
 
@@ -158,7 +158,7 @@ def test_cache_entries_die_with_their_weights():
 
 
 def test_growing_cache_warns_once_per_doubling(monkeypatch):
-    monkeypatch.setattr("fxcompress.backend.CACHE_WARNING_SIZE", 2)
+    monkeypatch.setattr("fxcompress.dynamo_backend.CACHE_WARNING_SIZE", 2)
     recorder, inputs, blocks = Recorder(), torch.randn(1, 8, 8, 8), [BrokenBlock().eval() for _ in range(3)]
     with torch.no_grad(), pytest.warns(UserWarning, match="holds 2 compiled variants of one graph") as caught:
         for block in blocks:
@@ -169,7 +169,7 @@ def test_growing_cache_warns_once_per_doubling(monkeypatch):
 def test_recompilation_is_logged_with_its_reason(caplog):
     model = conv_bn_relu()
     compiled = torch.compile(model, backend="depthprune", options={"lowering": "eager"})
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger="fxcompress.backend"):
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="fxcompress.dynamo_backend"):
         compiled(x)
         model[0].weight.data = model[0].weight.data * 2
         compiled(x)

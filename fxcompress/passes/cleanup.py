@@ -1,4 +1,4 @@
-"""cleanup: drop inference no-ops (dropout in eval mode, dropout with p = 0) and dead code.
+"""cleanup: drop inference no-ops: dropout in eval mode, dropout with p = 0.
 
 Dead nodes and the constants only they used are removed by the pipeline after every pass; this pass
 removes the ops that are identities at inference. Dropout in training mode is left alone.

@@ -3,7 +3,8 @@
 `torch.compile(model, backend="depthprune", options={...})` finds this through the
 `torch_dynamo_backends` entry point. Dynamo hands over a graph whose weights are placeholders; the
 backend bakes those it can merge (conv, linear and batch-norm parameters) into a copy of the graph as
-constants, runs the pass pipeline and lowers the result.
+constants (`capture.bake_weights`), compresses it on the path `compress` takes too
+(`compiler.compress_captured`) and lowers the result.
 
 Instance safety: dynamo reuses one graph for every instance of a class, and weights can be edited after
 compilation. The backend keeps one compiled graph per set of weight tensors in use, keyed by their identity
@@ -33,21 +34,18 @@ import torch
 from torch import fx
 
 from .backends import GRAPH_LOWERINGS, lower_graph
-from .capture import EXPORT_LOCK
+from .capture import EXPORT_LOCK, bake_weights, scalar_placeholders, weight_placeholders
+from .compiler import compress_captured
 from .config import CompressConfig
 from .errors import OptionError, valid_choice
-from .graph import annotate_names, annotate_shapes, graph_inputs, is_guard, writes_in_place
-from .ops import bind
-from .pipeline import compress_graph
+from .graph import graph_inputs
 from .plan import Plan
-from .planner import check_max_error, plan_graph
+from .planner import check_max_error
 from .tokens.config import TokenConfig
-from .tokens.graph import token_plan
 
 BACKEND_OPTIONS = {"lowering", "plan", "on_report", "tokens", "criterion", "max_error", "check_weights"}
 CHECK_WEIGHTS = ("identity", "value")
 DATA_FREE_CRITERIA = ("bn",)
-WEIGHT_PARAMS = {"weight", "bias", "running_mean", "running_var", "bias_map"}
 CACHE_WARNING_SIZE = 8  # compiled variants of one graph before a warning, doubled at each
 
 logger = logging.getLogger(__name__)
@@ -100,71 +98,6 @@ def _criterion(criterion, max_error, plan: Plan) -> float | None:
     max_error = 0.01 if max_error is None else max_error
     check_max_error(max_error)
     return float(max_error)
-
-
-def weight_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
-    """Indices of placeholders used only as weights, biases or statistics of ops the passes rewrite, directly
-    or through ops that compute a weight from them (a prune mask, weight_norm: `fold_constants` folds those)."""
-    indices = []
-    for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
-        uses = [user for user in node.users if not is_guard(user)]
-        if isinstance(value, torch.Tensor) and uses and all(_is_weight_use(user, node) for user in uses):
-            indices.append(index)
-    return indices
-
-
-def scalar_placeholders(gm: fx.GraphModule, example_inputs) -> list[int]:
-    """Indices of 0-d tensors read only through `.item()`: module attributes such as a BatchNorm eps or a
-    dropout probability, which dynamo passes as inputs when compiling with dynamic=True."""
-    indices = []
-    for index, (node, value) in enumerate(zip(graph_inputs(gm), example_inputs)):
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and node.users and \
-                all(user.op == "call_method" and user.target == "item" for user in node.users):
-            indices.append(index)
-    return indices
-
-
-def _is_weight_use(user: fx.Node, value: fx.Node) -> bool:
-    call = bind(user)
-    if call is None or call.kind not in ("conv", "linear", "batch_norm"):
-        return _is_derived_weight(user)
-    if call.kind == "batch_norm" and call["training"] is not False:
-        return False  # training mode updates the running statistics in place: they must stay the caller's
-    return any(arg is value for name, arg in call.args.items() if name in WEIGHT_PARAMS) and \
-        call.args.get("input") is not value
-
-
-def _is_derived_weight(node: fx.Node) -> bool:
-    """Whether `node` computes a weight from weights (weight_orig * weight_mask of a pruned conv, a
-    weight_norm): no in-place write, every use a weight use or the graph output (where dynamo returns the
-    weight that a forward pre-hook stores on the module), and at least one use a weight use."""
-    if node.op not in ("call_function", "call_method") or writes_in_place(node):
-        return False
-    uses = [user for user in node.users if not is_guard(user) and user.op != "output"]
-    return bool(uses) and all(_is_weight_use(user, node) for user in uses)
-
-
-def bake_weights(gm: fx.GraphModule, example_inputs, weights: list[int], scalars: list[int] = ()
-                 ) -> fx.GraphModule:
-    """A copy of `gm` in which the placeholders at `weights` are constants holding copies of those tensors
-    and the `.item()` reads of the placeholders at `scalars` are their values."""
-    baked = fx.GraphModule(torch.nn.Module(), fx.Graph())
-    env: dict[fx.Node, object] = {}
-    for index, node in enumerate(graph_inputs(gm)):
-        if index in weights:
-            name = f"baked_{node.name}"
-            baked.register_buffer(name, example_inputs[index].detach().clone())
-            env[node] = baked.graph.get_attr(name)
-        elif index in scalars:
-            for item in node.users:
-                env[item] = example_inputs[index].item()
-        else:
-            env[node] = baked.graph.node_copy(node, lambda n: env[n])
-    for node in gm.graph.nodes:
-        if node.op != "placeholder" and node not in env:
-            env[node] = baked.graph.node_copy(node, lambda n: env[n])
-    baked.recompile()
-    return baked
 
 
 class WeightStamp(NamedTuple):
@@ -254,14 +187,16 @@ class DepthPruneCompiled:
                    "depthprune compiles a graph with %d inputs: %s", len(args), reason)
         baked = bake_weights(self.graph, args, self.weight_indices, self.scalar_indices)
         runtime_args = [args[i] for i in self.runtime_indices]
-        config = self.options.config
+        options = self.options
+        config = options.config
         if any(not isinstance(arg, torch.Tensor) for arg in runtime_args):  # sizes passed: dynamic shapes
             config = dataclasses.replace(config, allow_bias_map=False)
-        with torch.no_grad():
-            compressed, report = compress_graph(baked, runtime_args, config, self._plan(baked, runtime_args))
-        if self.options.on_report is not None:
-            self.options.on_report(report)
-        compiled = lower_graph(compressed, runtime_args, self.options.lowering)
+        criterion = None if options.max_error is None else "bn"  # the one data-free criterion
+        compressed, report, _ = compress_captured(baked, runtime_args, config, options.plan, tokens=options.tokens,
+                                                  criterion=criterion, planner={"max_error": options.max_error})
+        if options.on_report is not None:
+            options.on_report(report)
+        compiled = lower_graph(compressed, runtime_args, options.lowering)
         self.compilations += 1
         self._remember(args, compiled)
         return compiled
@@ -288,22 +223,6 @@ class DepthPruneCompiled:
                 compiled.cache.pop(key, None)
 
         return [weakref.ref(weight, forget) for weight in weights]
-
-    def _plan(self, baked: fx.GraphModule, runtime_args) -> Plan:
-        """The given plan plus the token reductions and the data-free BatchNorm criterion (TLC) decisions
-        asked for, found on this graph."""
-        options, decisions = self.options, list(self.options.plan.decisions)
-        tokens = None if options.tokens is None or options.tokens.is_identity else options.tokens
-        if tokens is None and options.max_error is None:
-            return options.plan
-        annotate_names(baked)
-        annotate_shapes(baked, runtime_args)
-        if tokens is not None:
-            decisions += token_plan(baked, tokens).decisions
-        if options.max_error is not None:
-            decisions += plan_graph(baked, runtime_args, criterion="bn", max_error=options.max_error,
-                                    config=options.config).plan.decisions
-        return Plan(tuple(decisions), options.plan.model)
 
     def __call__(self, *args):
         entry = self.cache.get(tuple(id(args[i]) for i in self.weight_indices))
