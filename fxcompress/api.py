@@ -30,9 +30,11 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
              config: CompressConfig | None = None, tokens: TokenConfig | dict | None = None,
              criterion: str | None = None, calibration=None, max_error: float = 0.01, planner: dict | None = None,
              dynamic_batch: bool | None = None, **options) -> CompressResult:
-    """Capture `model`, apply `plan` (activations to linearise), then every exact merge the cost model allows.
+    """Capture `model`, apply `plan` (its decisions: `passes.PLAN_ACTIONS`), then every exact merge the cost
+    model allows.
 
-    Options are the fields of `CompressConfig` (allow_approximate, force, max_kernel_size, tolerance).
+    Options are the fields of `CompressConfig` (allow_approximate, force, allow_bias_map, max_kernel_size,
+    tolerance, cost_model, latency_lowering).
     `tokens` (a `TokenConfig` or its fields as a dict) first reduces a ViT's tokens on a copy of the model
     (`reduce_tokens`), which is then captured. `criterion` ("bn", "entropy", "ot") finds the plan instead, on
     the captured graph that is compressed (`planner.plan_graph` with `calibration`, `max_error` and the
