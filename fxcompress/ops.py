@@ -5,9 +5,11 @@ dynamo hands a backend use `torch.conv2d`, `F.batch_norm`, `torch._C._nn.linear`
 maps any of them to an `OpCall` whose arguments are bound by parameter name with defaults filled in, so
 that passes never index `node.args` by position (`F.batch_norm` and `aten.batch_norm` order their
 arguments differently). An op missing from the table is opaque: passes treat it as a merge blocker.
+Attention ops are bound by `bind_attention` only, for token reduction, which reads their keys.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ def conv_with_bias_map(input, weight, bias, stride, padding, groups, bias_map):
 
 @dataclass(frozen=True)
 class OpSpec:
-    kind: str  # conv | linear | batch_norm | activation | add | dropout | pool | concat
+    kind: str  # conv | linear | batch_norm | activation | add | dropout | pool | concat | attention
     name: str  # op name used in stable node names: equal across dialects
     params: tuple[str, ...]
     defaults: tuple[tuple[str, Any], ...] = ()
@@ -105,6 +107,18 @@ _register([torch.cat, aten.cat.default], OpSpec("concat", "cat", ("tensors", "di
 
 ACTIVATION_NAMES = frozenset(spec.name for spec in _TABLE.values() if spec.kind == "activation")
 
+# Attention, kept out of `_TABLE` (the passes treat it as opaque): token reduction reads its keys.
+_ATTENTION: dict[Any, OpSpec] = {}
+_SDPA = OpSpec("attention", "scaled_dot_product_attention",
+               ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+               (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False)))
+_MHA_PARAMS = inspect.signature(F.multi_head_attention_forward).parameters.values()
+_MHA = OpSpec("attention", "multi_head_attention_forward", tuple(p.name for p in _MHA_PARAMS),
+              tuple((p.name, p.default) for p in _MHA_PARAMS if p.default is not inspect.Parameter.empty),
+              tuple_output=True)
+_ATTENTION.update({F.scaled_dot_product_attention: _SDPA, aten.scaled_dot_product_attention.default: _SDPA,
+                   F.multi_head_attention_forward: _MHA})
+
 
 @dataclass(frozen=True)
 class OpCall:
@@ -130,9 +144,18 @@ class OpCall:
 
 def bind(node: fx.Node) -> OpCall | None:
     """Bind `node` to the op table, or None for ops the passes do not know (opaque)."""
+    return _bind(node, _TABLE)
+
+
+def bind_attention(node: fx.Node) -> OpCall | None:
+    """Bind `node` if it is an attention op (`scaled_dot_product_attention`, `multi_head_attention_forward`)."""
+    return _bind(node, _ATTENTION)
+
+
+def _bind(node: fx.Node, table: dict[Any, OpSpec]) -> OpCall | None:
     if node.op != "call_function":
         return None
-    spec = _TABLE.get(node.target)
+    spec = table.get(node.target)
     if spec is None:
         return None
     if len(node.args) > len(spec.params):

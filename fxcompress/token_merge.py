@@ -11,11 +11,16 @@ lowered by `alpha` times the CLS attention of both tokens (scaled to max 1) so t
 on are merged last; the `r` best proposals are merged into their B token by size-weighted averaging.
 One round removes at most |A| = ceil(M / 2) of M tokens; "folding" repeats rounds in the same layer until
 the budget is met (577 -> 289 -> 193).
+
+`REDUCERS` maps each method to its reduction and `reduce` is the one entry point: the module path
+(`tokens.reduce`) and the graph path (`reduce_step`, inserted by `merge_tokens`) both call it, with the same
+prefix tokens and the same metric, so one `TokenConfig` gives one model.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -182,19 +187,55 @@ def attention_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     return size.log().to(dtype)[:, None, None, :, 0]
 
 
-def reduce_step(x: Tensor, size: Tensor | None, position: Tensor | None, *, method: str, target: int,
-                protected: int, restore: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One scheduled reduction on features (the graph pass's op, where keys are not exposed): returns the
-    tokens, their sizes and positions, which the next reduction takes back."""
-    tokens = TokenSet.of(x)
-    if size is not None:
-        tokens = TokenSet(x, size, position)
-    if method == "pool":
-        tokens = pool(tokens, target, protected)
-    elif method == "drop":
-        tokens = drop(tokens, target, protected)
-    else:
-        tokens = fold(tokens, x, target, protected)
-    if restore:
-        tokens = restore_order(tokens, protected)
+def head_average(keys: Tensor) -> Tensor:
+    """The matching metric: an attention's keys `[B, H, N, d]` averaged over heads, `[B, N, d]`."""
+    return keys.mean(dim=1)
+
+
+def projected_keys(key: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int) -> Tensor:
+    """The keys `[B, H, N, d]` that `F.multi_head_attention_forward` computes from its packed in-projection
+    and its time-major key input `[N, B, E]` (torchvision's ViT attention, opaque in a dynamo graph)."""
+    keys = F.linear(key, in_proj_weight, in_proj_bias).chunk(3, dim=-1)[1]
+    return keys.unflatten(-1, (num_heads, -1)).permute(1, 2, 0, 3)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One scheduled reduction: the tokens left after it, the prefix tokens set aside, what matching reads."""
+
+    target: int
+    protected: int
+    metric: Tensor | None = None  # head-averaged keys [B, N, d]: folder, tome
+    importance: Tensor | None = None  # CLS attention [B, N], for alpha
+    alpha: float = 0.0
+
+
+def _match(tokens: TokenSet, step: Step) -> TokenSet:
+    if step.metric is None:
+        raise ValueError("token matching needs the head-averaged keys of the layer's attention")
+    return fold(tokens, step.metric, step.target, step.protected, step.importance, step.alpha)
+
+
+REDUCERS: dict[str, Callable[[TokenSet, Step], TokenSet]] = {
+    "folder": _match,  # bipartite matching on keys, folded rounds in a few late layers
+    "tome": _match,  # the same matching, the schedule spreads it over every layer
+    "pool": lambda tokens, step: pool(tokens, step.target, step.protected),  # grid average (baseline)
+    "drop": lambda tokens, step: drop(tokens, step.target, step.protected),  # random subset (baseline)
+}
+MATCHING = ("folder", "tome")  # the methods that read `Step.metric`
+
+
+def reduce(tokens: TokenSet, method: str, step: Step, restore: bool = False) -> TokenSet:
+    """The one token reduction both paths run (`reduce_tokens` on modules, `merge_tokens` on graphs)."""
+    tokens = REDUCERS[method](tokens, step)
+    return restore_order(tokens, step.protected) if restore else tokens
+
+
+def reduce_step(x: Tensor, size: Tensor | None, position: Tensor | None, keys: Tensor | None, *, method: str,
+                target: int, protected: int, restore: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The graph pass's op: `reduce` on a layer's output `x` with the keys `[B, H, N, d]` of its attention
+    (None for pool and drop); returns the tokens, their sizes and positions, which the next one takes back."""
+    tokens = TokenSet.of(x) if size is None else TokenSet(x, size, position)
+    metric = None if keys is None else head_average(keys)
+    tokens = reduce(tokens, method, Step(target, protected, metric), restore)
     return tokens.x, tokens.size, tokens.position

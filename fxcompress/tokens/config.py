@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..errors import OptionError, finite_number, valid_choice
-from ..token_merge import pool_count
+from ..token_merge import REDUCERS, pool_count
 
-METHODS = ("folder", "tome", "pool", "drop")
+METHODS = tuple(REDUCERS)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OptionError
+from ..token_merge import head_average
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None,
@@ -27,7 +28,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias
         if bias is not None:
             logits = logits + bias
         cls = logits.softmax(dim=-1).mean(dim=1)[:, 0]
-    return out.transpose(1, 2).flatten(2), k.mean(dim=1), cls
+    return out.transpose(1, 2).flatten(2), head_average(k), cls
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..capture import private_copy
 from ..errors import OptionError
-from ..token_merge import TokenSet, attention_bias, drop, fold, pool, restore_order
+from ..token_merge import MATCHING, Step, TokenSet, attention_bias, reduce
 from .config import TokenConfig
 from .families import Encoder, find_encoder
 
@@ -46,7 +46,7 @@ class LayerReducer:
             shared.tokens = None
         target = shared.schedule.get(self.index)
         tokens = shared.tokens
-        matching = target is not None and config.method in ("folder", "tome")
+        matching = target is not None and config.method in MATCHING
         biased = config.proportional_attention and tokens is not None
         keys = cls = None
         if matching or biased:
@@ -59,19 +59,10 @@ class LayerReducer:
         if tokens is not None:
             tokens = TokenSet(x, tokens.size, tokens.position)
         if target is not None:
-            tokens = self._reduce(tokens or TokenSet.of(x), target, keys, cls)
+            step = Step(target, protected, keys, cls, config.alpha)
+            tokens = reduce(tokens or TokenSet.of(x), config.method, step, config.restore_order)
         shared.tokens = None if self.index == self.last else tokens
         return x if tokens is None else tokens.x
-
-    def _reduce(self, tokens: TokenSet, target: int, keys, cls) -> TokenSet:
-        config, protected = self.config, self.encoder.protected
-        if config.method == "pool":
-            tokens = pool(tokens, target, protected)
-        elif config.method == "drop":
-            tokens = drop(tokens, target, protected)
-        else:
-            tokens = fold(tokens, keys, target, protected, cls, config.alpha)
-        return restore_order(tokens, protected) if config.restore_order else tokens
 
 
 def _patched_class(cls: type) -> type:
