@@ -12,6 +12,8 @@ import torchvision
 from fxcompress.cli import main
 from helpers import relative_error
 
+pytestmark = pytest.mark.slow  # full torchvision models and fresh interpreters
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "fxcompress.cli", *args], capture_output=True, text=True, cwd=cwd)

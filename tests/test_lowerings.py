@@ -13,6 +13,7 @@ from fxcompress.backends.onnxruntime import export_onnx
 from helpers import all_activations, relative_error, torchvision_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 @pytest.mark.parametrize("planned", [False, True])
 def test_onnx_export_of_compressed_models_matches_torch(tmp_path, name, planned):
