@@ -27,22 +27,13 @@ def variant(name: str, kind: str):
     return models[kind], example
 
 
-def latency_merges(chain: torch.nn.Module, shape: tuple, **options) -> int:
-    """Weight layers left when the latency cost model times `chain`'s convs on this machine."""
-    result = fxcompress.compress(chain.eval(), (torch.randn(*shape),), cost_model="latency", **options)
-    return result.report.after.weight_layers
-
-
-# The cost model's decisions on real timings (moved from tests/test_cost.py: a shared CPU makes them flaky).
-def test_measured_wide_3x3_pair_is_not_merged():
-    torch.manual_seed(0)
-    chain = torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.Conv2d(128, 128, 3, padding=1))
-    assert latency_merges(chain, (1, 128, 24, 24), allow_approximate=True) == 2  # 5x5: 25C^2 against 18C^2
-
-
+# The cost model's decision on real timings (moved from tests/test_cost.py: a shared CPU makes it flaky).
 def test_measured_expand_project_pair_is_merged():
-    chain = torch.nn.Sequential(torch.nn.Conv2d(64, 512, 1), torch.nn.Conv2d(512, 64, 1))
-    assert latency_merges(chain, (1, 64, 24, 24)) == 1  # 1x1 64->64 instead of two 64x512 1x1s
+    chain = torch.nn.Sequential(torch.nn.Conv2d(64, 512, 1), torch.nn.Conv2d(512, 64, 1)).eval()
+    result = fxcompress.compress(chain, (torch.randn(1, 64, 24, 24),), cost_model="latency")
+    assert result.report.after.weight_layers == 1  # 1x1 64->64 instead of two 64x512 1x1s
+    rewrite = result.report.rewrites[-1]
+    assert rewrite.latency_after_ms < rewrite.latency_before_ms
 
 
 @pytest.mark.parametrize("kind", ["original", "exact", "half_linearized"])

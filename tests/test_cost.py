@@ -39,14 +39,18 @@ def test_stand_in_latency_refuses_a_merge_that_measures_slower(monkeypatch):
     assert compress_chain(chain, x).report.after.weight_layers == 2
 
 
-def test_stand_in_latency_refuses_a_wide_3x3_pair_and_merges_an_expand_project_pair(monkeypatch):
-    # The decisions on timings measured on this CPU live in bench/test_bench_latency.py; here they are
-    # taken on a deterministic stand-in table whose "latency" is the MACs.
-    monkeypatch.setattr(pipeline, "LatencyTable", lambda lowering: MacsAsLatency({}))
+def test_a_wide_3x3_pair_stays_apart_even_where_its_merge_measures_faster(monkeypatch):
+    # The 5x5 merge has more parameters (25C^2 against 18C^2): refused whatever the table says.
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
-    result = compress_chain(wide, torch.randn(1, 16, 8, 8), allow_approximate=True)
-    assert result.report.after.weight_layers == 2  # 5x5 costs 25C^2 against 18C^2
+    for penalty in ({}, {(5, 16): 0.01}):
+        monkeypatch.setattr(pipeline, "LatencyTable", lambda lowering, penalty=penalty: MacsAsLatency(penalty))
+        assert compress_chain(wide, torch.randn(1, 16, 8, 8), allow_approximate=True).report.after.weight_layers == 2
+
+
+def test_stand_in_latency_merges_an_expand_project_pair(monkeypatch):
+    # The same decision on timings measured on this CPU lives in bench/test_bench_latency.py.
+    monkeypatch.setattr(pipeline, "LatencyTable", lambda lowering: MacsAsLatency({}))
     expand_project = nn.Sequential(nn.Conv2d(16, 128, 1), nn.Conv2d(128, 16, 1))
     result = compress_chain(expand_project, torch.randn(1, 16, 8, 8))
     assert result.report.after.weight_layers == 1  # 1x1 16->16 instead of two 16x128 1x1s
