@@ -41,7 +41,8 @@ def via_backend(model, inputs, plan=None, **options):
 
 
 ENTRIES = {"compress": via_compress, "backend": via_backend}
-entries = pytest.mark.parametrize("entry", ENTRIES)
+# each case through both entry points; through the backend (a dynamo compilation) in the full lane only
+entries = pytest.mark.parametrize("entry", ["compress", pytest.param("backend", marks=pytest.mark.slow)])
 
 
 def rewrites(reports, pass_name):
