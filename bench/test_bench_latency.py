@@ -33,6 +33,15 @@ def variant(name: str, kind: str):
     return models[kind], example
 
 
+# The cost model's decision on real timings (moved from tests/test_cost.py: a shared CPU makes it flaky).
+def test_measured_expand_project_pair_is_merged():
+    chain = torch.nn.Sequential(torch.nn.Conv2d(64, 512, 1), torch.nn.Conv2d(512, 64, 1)).eval()
+    result = fxcompress.compress(chain, (torch.randn(1, 64, 24, 24),), cost_model="latency")
+    assert result.report.after.weight_layers == 1  # 1x1 64->64 instead of two 64x512 1x1s
+    rewrite = result.report.rewrites[-1]
+    assert rewrite.latency_after_ms < rewrite.latency_before_ms
+
+
 @pytest.mark.parametrize("kind", ["original", "exact", "half_linearized"])
 @pytest.mark.parametrize("name", MODELS)
 def test_latency(benchmark, name, kind):

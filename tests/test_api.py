@@ -83,6 +83,7 @@ def test_untraceable_model_gets_a_capture_error():
         fxcompress.compress(DataDependent().eval(), x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"force": True, "allow_approximate": True}])
 def test_callers_model_is_untouched(options):
     model = torchvision_model("resnet18")

@@ -58,6 +58,7 @@ def test_across_resnet18_residual_adds(capture):
     assert model.conv1.weight.shape[0] == 64  # the caller's model is untouched
 
 
+@pytest.mark.slow
 @capture_methods
 def test_across_mobilenet_v2_inverted_residuals(capture):
     model = torchvision_model("mobilenet_v2")

@@ -87,6 +87,7 @@ def test_precision_casts_the_saved_program(folder, capsys, backend, precision):
         assert relative_error(small_net()(x), output.float()) <= 8 * torch.finfo(dtype).eps
 
 
+@pytest.mark.slow
 def test_precision_fp16_onnx_and_bf16_onnx_refused(folder, capsys):
     name = write_module(folder, "precision_onnx", SMALL_NET)
     code, err = run(["compress", f"{name}:net", "--size", "8", "--backend", "onnxruntime", "--precision", "fp16",

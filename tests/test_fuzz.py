@@ -17,6 +17,7 @@ from fuzz_nets import ACTIONS, check, features, networks
 EXAMPLES = int(os.environ.get("FXCOMPRESS_FUZZ_EXAMPLES", "200"))
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(networks(backend_percent=2))
@@ -56,6 +57,7 @@ def test_float32_rounding_of_an_exact_rewrite_is_told_from_a_wrong_one():
     assert check(spec) > 1e-5
 
 
+@pytest.mark.slow
 def test_the_generator_draws_every_feature():
     drawn = set()
 

@@ -41,7 +41,8 @@ def via_backend(model, inputs, plan=None, **options):
 
 
 ENTRIES = {"compress": via_compress, "backend": via_backend}
-entries = pytest.mark.parametrize("entry", ENTRIES)
+# each case through both entry points; through the backend (a dynamo compilation) in the full lane only
+entries = pytest.mark.parametrize("entry", ["compress", pytest.param("backend", marks=pytest.mark.slow)])
 
 
 def rewrites(reports, pass_name):
@@ -90,7 +91,7 @@ class GraphBreak(nn.Module):
         return self.second(y)
 
 
-@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_graph_break_compiles_piecewise_and_stays_correct(lowering):
     model = randomize_batchnorm(GraphBreak()).eval()
     compiled, reports = via_backend(model, (x,), lowering=lowering)
@@ -340,7 +341,7 @@ class Structured(nn.Module):
 
 
 @entries
-@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_tuple_and_dict_inputs_and_outputs(entry, lowering):
     if entry == "compress" and lowering == "inductor":
         pytest.skip("lowering is a backend option")
@@ -366,6 +367,7 @@ def test_plan_naming_absent_nodes(entry):
     assert isinstance(info.value, fxcompress.PlanError) or "PlanError" in str(info.value)  # dynamo wraps it
 
 
+@pytest.mark.slow
 def test_plan_from_a_different_model_names_the_model_it_was_made_for():
     image = (torch.randn(1, 3, 32, 32),)
     resnet = torchvision_model("resnet18")

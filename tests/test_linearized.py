@@ -11,6 +11,7 @@ def example():
     return (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),)
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_collapses_every_inverted_residual_exactly(example):
     model = torchvision_model("mobilenet_v2")
     blocks = sum(isinstance(m, torchvision.models.mobilenetv2.InvertedResidual) for m in model.modules())
@@ -26,6 +27,7 @@ def test_mobilenet_v2_collapses_every_inverted_residual_exactly(example):
     assert relative_error(reference, output) <= 1e-5
 
 
+@pytest.mark.slow
 def test_resnet18_merges_each_block_and_flags_border_approximation(example):
     model = torchvision_model("resnet18")
     blocks = sum(isinstance(m, torchvision.models.resnet.BasicBlock) for m in model.modules())
@@ -52,6 +54,7 @@ def test_resnet_block_merge_is_exact_away_from_the_border(block_name):
     assert relative_error(reference, output) > 1e-3  # the border ring does differ
 
 
+@pytest.mark.slow
 def test_without_approximation_resnet_blocks_stay_apart(example):
     model = torchvision_model("resnet18")
     result = fxcompress.compress(model, example, plan=all_activations(model, example), force=True)

@@ -1,4 +1,5 @@
 """Lowerings: ONNX export + ONNX Runtime, Inductor with freezing, TensorRT plumbing; measure()."""
+import importlib
 import sys
 import types
 
@@ -12,6 +13,7 @@ from fxcompress.backends.onnxruntime import export_onnx
 from helpers import all_activations, relative_error, torchvision_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 @pytest.mark.parametrize("planned", [False, True])
 def test_onnx_export_of_compressed_models_matches_torch(tmp_path, name, planned):
@@ -80,13 +82,30 @@ def test_missing_onnxruntime_is_named(monkeypatch):
         lower_module(torch.nn.Linear(2, 2), (torch.randn(1, 2),), "onnxruntime")
 
 
-def test_measure_reports_medians_ratios_and_machine():
-    slow = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)]).eval()
-    fast = torch.nn.Linear(256, 256).eval()
-    timing = fxcompress.measure({"original": slow, "compressed": fast}, (torch.randn(64, 256),), repeats=5)
+class Scripted(torch.nn.Module):
+    """Identity that advances a fake clock by its next scripted duration (ms) on every call."""
+
+    def __init__(self, clock, durations_ms):
+        super().__init__()
+        self.clock, self.durations_ms = clock, list(durations_ms)
+
+    def forward(self, x):
+        self.clock.now += self.durations_ms.pop(0) / 1e3
+        return x
+
+
+def test_measure_reports_medians_quartiles_and_ratios_of_scripted_runs(monkeypatch):
+    # Real timings on a shared CPU prove nothing: the clock is scripted, the statistics computed by hand.
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(importlib.import_module("fxcompress.measure"), "time",
+                        types.SimpleNamespace(perf_counter=lambda: clock.now))
+    original = Scripted(clock, [7.0, 4.0, 6.0, 5.0, 9.0, 5.0]).eval()  # one warm-up, then five timed runs
+    compressed = Scripted(clock, [7.0, 2.0, 1.0, 3.0, 2.0, 1.0]).eval()
+    timing = fxcompress.measure({"original": original, "compressed": compressed}, (torch.randn(64, 8),),
+                                warmup=1, repeats=5)
     results = timing["results"]
-    assert results["original"]["ratio"] == 1.0
-    assert results["compressed"]["ratio"] == pytest.approx(results["compressed"]["median_ms"] /
-                                                           results["original"]["median_ms"])
-    assert all(r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in results.values())
+    assert not original.durations_ms and not compressed.durations_ms
+    # sorted 4 5 5 6 9: median 5, quartiles 4.5 and 7.5; sorted 1 1 2 2 3: median 2, quartiles 1 and 2.5
+    assert results["original"] == pytest.approx({"median_ms": 5.0, "q1_ms": 4.5, "q3_ms": 7.5, "ratio": 1.0})
+    assert results["compressed"] == pytest.approx({"median_ms": 2.0, "q1_ms": 1.0, "q3_ms": 2.5, "ratio": 0.4})
     assert timing["machine"]["threads"] == torch.get_num_threads() and timing["batch"] == 64

@@ -5,6 +5,8 @@ import torch
 import fxcompress
 from helpers import assert_state_unchanged, relative_error, state_of, torchvision_model
 
+pytestmark = pytest.mark.slow  # nine full torchvision models, through both entry points
+
 MODELS = {
     "resnet18": {}, "resnet50": {}, "mobilenet_v2": {}, "vgg11_bn": {}, "efficientnet_b0": {},
     "convnext_tiny": {}, "regnet_y_400mf": {}, "vit_b_16": {"image_size": 64}, "swin_t": {},

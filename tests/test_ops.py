@@ -25,8 +25,8 @@ def test_batch_norm_arguments_bind_by_name_in_both_dialects(capture):
     assert bn["eps"] == pytest.approx(1e-3) and bn["training"] is False
 
 
-@pytest.mark.parametrize("name, kwargs", [("resnet18", {}), ("mobilenet_v2", {}), ("efficientnet_b0", {}),
-                                          ("vit_b_16", {"image_size": 32})])
+@pytest.mark.parametrize("name, kwargs", [("resnet18", {}), *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+    ("mobilenet_v2", {}), ("efficientnet_b0", {}), ("vit_b_16", {"image_size": 32})])])
 def test_stable_activation_names_agree_across_capture_methods(name, kwargs):
     model = torchvision_model(name, **kwargs)
     example = (torch.randn(1, 3, 32, 32),)

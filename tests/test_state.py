@@ -22,6 +22,7 @@ MODELS = {
     "dead_in_place_write": (lambda: DeadInPlaceWrite().eval(), (x,)),
     "dict_io": (lambda: randomize_batchnorm(Structured()).eval(), ((x, 2 * x), {"scale": torch.tensor(3.0)})),
 }
+TORCHVISION = ("resnet18", "mobilenet_v2", "vit")  # slow lane only
 
 
 def with_hooks(model: nn.Module) -> nn.Module:
@@ -57,7 +58,8 @@ CALLS = {"compress": compress_exact, "compress_linearized": compress_linearized,
 
 
 @pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in TORCHVISION else name
+                                  for name in MODELS])
 def test_public_calls_leave_the_callers_model_as_it_was(name, call):
     make, inputs = MODELS[name]
     model = with_hooks(make())
