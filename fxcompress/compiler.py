@@ -30,7 +30,8 @@ def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig
     (calibration, max_error, budgets). Returns the graph, its report and the plan applied."""
     decisions = list(plan.decisions)
     tokens = None if tokens is None or tokens.is_identity else tokens
-    if tokens is not None or criterion is not None:
+    finds = tokens is not None or criterion is not None
+    if finds:
         annotate_names(gm)
         annotate_shapes(gm, pytree.tree_leaves(tuple(example_inputs)))
     if tokens is not None:
@@ -38,7 +39,7 @@ def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig
     if criterion is not None:
         decisions += plan_graph(gm, example_inputs, criterion=criterion, config=config, model=model,
                                 **(planner or {})).plan.decisions
-    applied = Plan(tuple(decisions), plan.model or model)
+    applied = Plan(tuple(decisions), plan.model or (model if finds else ""))
     with torch.no_grad():
         gm, report = compress_graph(gm, example_inputs, config, applied)
     return gm, report, applied

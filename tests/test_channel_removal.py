@@ -40,7 +40,7 @@ def removed(capture, model, inputs, target, channels=CHANNELS):
     return pipeline.state.gm, runtime, rewrites
 
 
-@capture_methods
+@pytest.mark.parametrize("capture", ["export", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_across_resnet18_residual_adds(capture):
     model = torchvision_model("resnet18")
     inputs = (torch.randn(2, 3, 32, 32),)

@@ -37,6 +37,7 @@ def test_a_criterion_plans_on_the_token_reduced_model_that_is_compressed():
     assert relative_error(reduced, seen[0]) <= 1e-5  # the planner scores the reduced model
 
 
+@pytest.mark.slow
 def test_a_criterion_costs_no_second_capture(monkeypatch):
     exports = []
     real = torch.export.export
@@ -46,6 +47,7 @@ def test_a_criterion_costs_no_second_capture(monkeypatch):
     assert len(exports) == 1 and result.plan.decisions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["compress", "torch.compile"])
 def test_both_entries_find_the_same_bn_plan(entry):
     model, x = torchvision_model("resnet18"), torch.randn(1, 3, 32, 32)

@@ -85,12 +85,15 @@ def export_path(model, config: dict) -> torch.Tensor:
         return result.module(IMAGES)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("name, config", [
     ("torchvision", {"method": "folder", "layers": [0, 1], "ratio": 0.5}),  # keys of an opaque MHA, sizes threaded
-    ("torchvision", {"method": "tome", "ratio": 0.5, "restore_order": True}),
-    ("torchvision", {"method": "pool", "layers": [0], "ratio": 0.75}),
-    ("timm", {"method": "folder", "layers": [-1], "ratio": 0.5}),
-    ("timm", {"method": "pool", "layers": [-1], "ratio": 0.75}),
+    pytest.param("torchvision", {"method": "tome", "ratio": 0.5, "restore_order": True}, marks=SLOW),
+    pytest.param("torchvision", {"method": "pool", "layers": [0], "ratio": 0.75}, marks=SLOW),
+    pytest.param("timm", {"method": "folder", "layers": [-1], "ratio": 0.5}, marks=SLOW),
+    pytest.param("timm", {"method": "pool", "layers": [-1], "ratio": 0.75}, marks=SLOW),
 ])
 def test_torch_compile_reduces_the_tokens_reduce_tokens_does(name, config):
     model = MODELS[name]()
@@ -100,8 +103,8 @@ def test_torch_compile_reduces_the_tokens_reduce_tokens_does(name, config):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("method", ["folder", "pool"])
+@pytest.mark.parametrize("name", ["torchvision", pytest.param("timm", marks=SLOW)])
+@pytest.mark.parametrize("method", ["folder", pytest.param("pool", marks=SLOW)])
 def test_a_plan_from_the_export_graph_reduces_the_tokens_reduce_tokens_does(name, method):
     model = MODELS[name]()
     config = {"method": method, "layers": [-1], "ratio": 0.5 if method == "folder" else 0.75}
@@ -122,6 +125,7 @@ def test_graph_protects_the_register_tokens_of_the_module():
     torch.testing.assert_close(out[:, :PREFIX["timm"]], reference[:, :PREFIX["timm"]], atol=1e-5, rtol=1e-5)
 
 
+@SLOW
 @pytest.mark.parametrize("name", MODELS)
 def test_drop_keeps_the_prefix_and_a_subset_of_the_other_tokens(name):
     model, prefix = MODELS[name](), PREFIX[name]

@@ -156,7 +156,8 @@ def test_schedules():
 
 # --- model families ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [name if name != "clip" else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in FAMILIES])
 def test_ratio_zero_is_the_identity(name):
     model = FAMILIES[name]()
     reference, _ = run(name, model)
@@ -281,6 +282,7 @@ def test_backend_merges_tokens_in_the_dynamo_graph():
     assert report.after.macs < 0.85 * report.before.macs
 
 
+@pytest.mark.slow
 def test_backend_refuses_a_graph_with_the_token_count_baked_in():
     model = timm_vit()
     compiled = torch.compile(model, backend="depthprune", options={"tokens": {"layers": [1], "ratio": 0.5},
@@ -298,6 +300,7 @@ def test_backend_refuses_options_that_need_keys():
             compiled(IMAGES)
 
 
+@pytest.mark.slow
 def test_backend_merges_after_the_last_layer_of_a_transformers_tower():
     compiled = torch.compile(clip_vision(), backend="depthprune",
                              options={"tokens": {"layers": [-1], "tokens": 17}, "lowering": "eager"})
