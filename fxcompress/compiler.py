@@ -4,22 +4,22 @@ A graph comes in from `capture.capture` (torch.export) or from dynamo with its w
 (`capture.bake_weights`). The decisions asked for are found on this graph, the one that is compressed: the
 plan of a criterion (`planner.plan_graph`) and the token reductions of a `TokenConfig`
 (`tokens.graph.token_plan`). They join the given plan, and the pipeline applies the plan and then the exact
-passes, each verified (`pipeline.compress_graph`).
+passes, each verified (`pipeline.Pipeline`).
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from .config import CompressConfig
 from .graph import annotate_names, annotate_shapes
-from .pipeline import compress_graph
+from .pipeline import Pipeline
 from .plan import Plan
 from .planner import plan_graph
 from .report import Report
 from .tokens.config import TokenConfig
 from .tokens.graph import token_plan
+from .verify import output_tensors
 
 
 def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan, *,
@@ -28,12 +28,12 @@ def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig
     """Compress `gm` in place (callers pass a copy) with `plan` plus the decisions found on it: token
     reductions for `tokens`, and the plan of `criterion` with the `planner.plan_graph` keywords in `planner`
     (calibration, max_error, budgets). Returns the graph, its report and the plan applied."""
-    decisions = list(plan.decisions)
+    decisions, first_outputs = list(plan.decisions), None
     tokens = None if tokens is None or tokens.is_identity else tokens
     finds = tokens is not None or criterion is not None
-    if finds:
+    if finds:  # the pipeline then reuses these annotations and outputs
         annotate_names(gm)
-        annotate_shapes(gm, pytree.tree_leaves(tuple(example_inputs)))
+        first_outputs = output_tensors(annotate_shapes(gm, tuple(example_inputs)))
     if tokens is not None:
         decisions += token_plan(gm, tokens).decisions
     if criterion is not None:
@@ -41,5 +41,5 @@ def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig
                                 **(planner or {})).plan.decisions
     applied = Plan(tuple(decisions), plan.model or (model if finds else ""))
     with torch.no_grad():
-        gm, report = compress_graph(gm, example_inputs, config, applied)
+        gm, report = Pipeline(gm, example_inputs, config, applied, first_outputs=first_outputs).run()
     return gm, report, applied

@@ -97,7 +97,9 @@ def _rewrite(pass_name: str, site: Site) -> Rewrite:
 
 class Pipeline:
     def __init__(self, gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan,
-                 exact_passes: tuple[Callable, ...] = EXACT_PASSES):
+                 exact_passes: tuple[Callable, ...] = EXACT_PASSES, first_outputs: list | None = None):
+        """`first_outputs`: the outputs of `gm` on the example inputs where the caller has already annotated its
+        names and shapes (`compiler.compress_captured`), so that the graph is not replayed for them again."""
         self.config, self.plan, self.exact_passes = config, plan, exact_passes
         self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering)
                               if config.cost_model == "latency" else None)
@@ -107,8 +109,11 @@ class Pipeline:
         self.report = Report()
         self.excluded: dict[str, set[str]] = {}
         self.skips: list = []
-        annotate_names(gm)
-        reference = self._replay(gm)
+        if first_outputs is None:
+            annotate_names(gm)
+            reference = self._replay(gm)
+        else:
+            reference = [first_outputs, *outputs(gm, self.samples[1:])]
         check_plan(gm, plan)
         self.report.before = Metrics.of(gm)
         self.state = _State(gm, reference)

@@ -65,3 +65,13 @@ def test_both_entries_find_the_same_bn_plan(entry):
     expected = fxcompress.find_plan(model, (x,), criterion="bn", max_error=0.5).plan
     linearized = {r.sources[0] for r in report.rewrites if r.pass_name == "linearize"}
     assert linearized and linearized == {d.target for d in expected.decisions if d.action == "linearize"}
+
+
+def test_a_criterion_replays_the_graph_once_for_names_and_shapes(monkeypatch):
+    replays = []
+    real = fxcompress.graph._ShapeRecorder.run
+    monkeypatch.setattr(fxcompress.graph._ShapeRecorder, "run", lambda *args: replays.append(1) or real(*args))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    result = fxcompress.compress(model, (torch.randn(1, 3, 16, 16),), criterion="bn", dynamic_batch=False)
+    assert not result.plan.decisions and not result.report.rewrites  # no pass changes the graph: no replay after one
+    assert len(replays) == 1
