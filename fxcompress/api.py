@@ -10,6 +10,7 @@ from .capture import capture, check_inputs
 from .compiler import compress_captured
 from .config import CompressConfig
 from .errors import CaptureError, OptionError
+from .finetune.planned import base_of, is_planned, plan_of
 from .graph import annotate_names
 from .pipeline import activation_names as graph_activation_names
 from .plan import Plan
@@ -39,7 +40,8 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
     (`reduce_tokens`), which is then captured. `criterion` ("bn", "entropy", "ot") finds the plan instead, on
     the captured graph that is compressed (`planner.plan_graph` with `calibration`, `max_error` and the
     `planner` keywords: the budget activations, macs_ratio or max_drop + evaluator, and aggregate); the plan
-    found is returned. `dynamic_batch=True` captures dim 0 of the inputs as symbolic, so that the result runs
+    found is returned. A model made by `apply_plan` is compressed as its original class with its plan
+    followed by `plan`. `dynamic_batch=True` captures dim 0 of the inputs as symbolic, so that the result runs
     on any batch size (other dims stay fixed), or raises CaptureError where the model fixes its batch; False
     keeps the example's batch; None (the default) is dynamic where the model allows it, else static
     (`CompressResult.dynamic_batch` says which). The caller's model is never modified.
@@ -49,9 +51,15 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
     if config is not None and options:
         raise OptionError("pass either config or keyword options, not both")
     config = config or CompressConfig.from_options(options)
+    plan = Plan.load(plan)
+    if is_planned(model):
+        if criterion is not None:
+            raise OptionError("a model made by apply_plan is compressed with its own plan; find further decisions "
+                              "on it with apply_plan before compressing, not with a criterion here")
+        carried = plan_of(model)
+        plan, model = Plan(carried.decisions + plan.decisions, carried.model), base_of(model)
     example_inputs = check_inputs(model, example_inputs)
     check_max_error(max_error)
-    plan = Plan.load(plan)
     planner_options = None
     if criterion is not None:
         if plan.decisions:

@@ -41,6 +41,10 @@ def check_inputs(model, example_inputs) -> tuple:
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise CaptureError("example_inputs must be a tensor or a non-empty tuple of inputs")
+    if isinstance(model, torch.nn.Module) and "_fxcompress_plan" in model.__dict__:
+        raise CaptureError(f"{type(model).__name__} was made by apply_plan and edits its calls at run time, which "
+                           "export would trace wrongly: compress it with fxcompress.compress, which captures its "
+                           "original class and applies its plan")
     if isinstance(model, torch.nn.Module) and model.training:
         raise CaptureError(f"{type(model).__name__} is in training mode (BatchNorm statistics and dropout are "
                            "live); call model.eval() before compressing it")

@@ -106,7 +106,7 @@ def _zeroable(node: fx.Node) -> bool:
     return call is not None and call.kind in ("batch_norm", "conv", "linear") and len(real_users(source)) == 1
 
 
-def _off_decision(gm: fx.GraphModule, node: fx.Node, off: list[int], max_error: float) -> Decision | str:
+def off_decision(gm: fx.GraphModule, node: fx.Node, off: list[int], max_error: float) -> Decision | str:
     """Remove the off channels where every consumer of their group reads a zero judged off; else zero them."""
     name = stable_name(node)
     group = channel_group(gm, node, off)
@@ -129,7 +129,7 @@ def layer_error(states, aggregate: str) -> float:
     return float(states.error.max() if aggregate == "max" else states.error.mean())
 
 
-def _regions_refusal(node: fx.Node, off: list[int]) -> str | None:
+def regions_refusal(node: fx.Node, off: list[int]) -> str | None:
     """Why the activation's regions make its states inexact: only a zero below the identity range can be
     removed or zeroed, and linearising is exact only where the output is z."""
     call = bind(node)
@@ -155,12 +155,12 @@ def _bn_candidate(gm: fx.GraphModule, node: fx.Node, max_error: float, aggregate
     off = [c for c, label in enumerate(labels) if label == OFF]
     if len(off) == len(labels):
         return "every channel is off: the layer is dead, not linear"
-    refusal = _regions_refusal(node, off)
+    refusal = regions_refusal(node, off)
     if refusal is not None:
         return refusal
     decisions = [Decision("linearize", stable_name(node))]
     if off:
-        decision = _off_decision(gm, node, off, max_error)
+        decision = off_decision(gm, node, off, max_error)
         if isinstance(decision, str):
             return decision
         decisions.insert(0, decision)

@@ -1,0 +1,291 @@
+"""Plans on a trainable model: `apply_plan(model, plan, example_inputs)`.
+
+The result is a deep copy of the caller's model, of a subclass of its class, with the same modules,
+parameters and state_dict keys. Its forward runs the original forward under a `TorchFunctionMode` that
+names every call of an activation, add, conv or linear as the compiler does (`<innermost module path>:<op>[#k]`,
+the k-th such call in that module: `graph.annotate_names`) and edits the planned call sites:
+- linearize: the activation returns its input (a module called at several sites, such as torchvision
+  ResNet's `relu`, is linearised only at the planned one);
+- zero_channels: the activation's input is zeroed on the channels first (the compiler zeroes the BatchNorm or
+  conv that feeds it: the same output);
+- remove_channels: the inputs of every conv and linear reading the channel group are zeroed on its channels
+  (what the structural removal computes; `compress` removes them);
+- remove_block: the residual add returns (a copy of) its shortcut; the body still runs, unused, so
+  DistributedDataParallel needs `find_unused_parameters=True`.
+BatchNorm and dropout keep their train/eval behaviour, and every parameter stays an ordinary parameter.
+Each application is verified: in eval mode the planned copy must match the captured graph with the plan
+applied on seeded samples, and the call sites it saw must be the graph's. The copy carries its plan:
+`apply_plan` again adds decisions on top, and `compress` compresses its base with the plan (exporting
+through the mode would trace the edits wrongly, so `capture` refuses a planned model). Save a planned
+model as its `state_dict()` and its plan: its class is made at run time.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+
+from ..blocks import ChannelGroup, channel_group, residual_block
+from ..capture import capture, check_inputs
+from ..config import CompressConfig
+from ..errors import PlanError
+from ..graph import annotate_names, annotate_shapes, channel_axis, stable_name
+from ..ops import _TABLE, bind
+from ..pipeline import check_plan, compress_graph
+from ..plan import Plan
+from ..verify import fresh, output_tensors, relative_error, sample_inputs
+
+TOLERANCE = 1e-4  # relative: the planned copy against the graph with the plan applied, in float32
+
+_KINDS = ("activation", "add", "conv", "linear")
+_METHODS = {torch.Tensor.relu: ("activation", "relu"), torch.Tensor.relu_: ("activation", "relu"),
+            torch.Tensor.__add__: ("add", "add"), torch.Tensor.__radd__: ("add", "add"),
+            torch.Tensor.__iadd__: ("add", "add"), torch.Tensor.add: ("add", "add"),
+            torch.Tensor.add_: ("add", "add")}
+_RUNTIME_OPS = {**{func: (spec.kind, spec.name) for func, spec in _TABLE.items()
+                   if spec.kind in _KINDS and not isinstance(func, torch._ops.OpOverload)}, **_METHODS}
+_IN_PLACE = (torch.relu_, torch.Tensor.relu_)
+
+
+@dataclass
+class SiteEdit:
+    """What a planned model does at one call site."""
+
+    linearize: bool = False
+    zero: tuple[int, tuple[int, ...]] | None = None  # (axis, channels) zeroed in the activation's input
+    mask_input: tuple[int, tuple[int, ...]] | None = None  # (axis, channels) zeroed in a conv/linear input
+    shortcut: int | None = None  # the operand of a residual add that it returns
+
+
+@dataclass
+class _Edits:
+    sites: dict[str, SiteEdit] = field(default_factory=dict)
+    kinds: frozenset[str] = frozenset()  # the op kinds whose call sites the plan edits
+
+    def at(self, name: str) -> SiteEdit:
+        return self.sites.setdefault(name, SiteEdit())
+
+
+def _zeroed(tensor: torch.Tensor, where: tuple[int, tuple[int, ...]], in_place: bool) -> torch.Tensor:
+    axis, channels = where
+    index = torch.tensor(channels, device=tensor.device)
+    return tensor.index_fill_(axis, index, 0) if in_place else tensor.index_fill(axis, index, 0)
+
+
+def _in_place(func, args, kwargs, spec_params: tuple[str, ...]) -> bool:
+    if func in _IN_PLACE:
+        return True
+    bound = dict(zip(spec_params, args), **kwargs)
+    return bool(bound.get("inplace", False))
+
+
+class _CallSites(TorchFunctionMode):
+    """Names each call of a `_RUNTIME_OPS` op as the compiler does and applies `edits` at the named sites;
+    `seen` lists the names, in call order, of the kinds the edits touch."""
+
+    def __init__(self, model: torch.nn.Module, edits: _Edits):
+        super().__init__()
+        self.paths = {id(module): path for path, module in model.named_modules()}
+        self.edits, self.stack, self.count, self.seen = edits, [], Counter(), []
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [register_module_forward_pre_hook(self._enter_module),
+                        register_module_forward_hook(self._exit_module, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def _enter_module(self, module, args):
+        if id(module) in self.paths:
+            self.stack.append(self.paths[id(module)])
+
+    def _exit_module(self, module, args, output):
+        if id(module) in self.paths:
+            self.stack.pop()
+
+    def _name(self, op: str) -> str:
+        key = f"{self.stack[-1] if self.stack and self.stack[-1] else 'root'}:{op}"
+        count = self.count[key]
+        self.count[key] += 1
+        return key if count == 0 else f"{key}#{count}"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = _RUNTIME_OPS.get(func)
+        if op is None:
+            return func(*args, **kwargs)
+        kind, name = op
+        site = self._name(name)
+        if kind in self.edits.kinds:
+            self.seen.append(site)
+        edit = self.edits.sites.get(site)
+        if edit is None:
+            return func(*args, **kwargs)
+        return _edited_call(func, args, kwargs, edit)
+
+
+def _edited_call(func, args, kwargs, edit: SiteEdit):
+    params = _TABLE[func].params if func in _TABLE else ("input",)
+    in_place = _in_place(func, args, kwargs, params)
+    if edit.shortcut is not None:
+        return args[edit.shortcut].clone()
+    first, rest = args[0], args[1:]
+    if edit.mask_input is not None:
+        first = _zeroed(first, edit.mask_input, in_place=False)
+    if edit.zero is not None:
+        first = _zeroed(first, edit.zero, in_place)
+    if edit.linearize:
+        return first if in_place else first.clone()
+    return func(first, *rest, **kwargs)
+
+
+def _planned_forward(base: type):
+    def forward(self, *args, **kwargs):
+        with _CallSites(self, self._fxcompress_edits):
+            return base.forward(self, *args, **kwargs)
+    return forward
+
+
+_PLANNED_CLASSES: dict[type, type] = {}
+
+
+def _planned_class(base: type) -> type:
+    if base not in _PLANNED_CLASSES:
+        _PLANNED_CLASSES[base] = type(f"Planned{base.__name__}", (base,),
+                                      {"forward": _planned_forward(base), "__module__": base.__module__})
+    return _PLANNED_CLASSES[base]
+
+
+def is_planned(model) -> bool:
+    return isinstance(model, torch.nn.Module) and "_fxcompress_plan" in model.__dict__
+
+
+def plan_of(model: torch.nn.Module) -> Plan:
+    """The plan a model made by `apply_plan` carries; an empty plan for any other model."""
+    return model.__dict__.get("_fxcompress_plan", Plan())
+
+
+def base_of(model: torch.nn.Module) -> torch.nn.Module:
+    """A planned model seen as its original class, sharing its modules and parameters (a shallow copy); any
+    other model itself."""
+    if not is_planned(model):
+        return model
+    base = copy.copy(model)
+    base.__class__ = type(model).__mro__[1]
+    for attribute in ("_fxcompress_plan", "_fxcompress_edits"):
+        del base.__dict__[attribute]
+    return base
+
+
+def _edits(gm: fx.GraphModule, plan: Plan) -> _Edits:
+    nodes = {stable_name(node): node for node in gm.graph.nodes}
+    edits, kinds, group = _Edits(), set(), ChannelGroup()
+    for decision in plan.decisions:
+        node = nodes[decision.target]
+        if decision.action == "linearize":
+            edits.at(decision.target).linearize = True
+        elif decision.action == "zero_channels":
+            axis = channel_axis(bind(node)["input"])
+            edits.at(decision.target).zero = (axis, tuple(decision.params["channels"]))
+        elif decision.action == "remove_channels":
+            found = channel_group(gm, node, decision.params["channels"])
+            if not found:
+                raise decision.error(f"cannot remove channels: {found}")
+            group.merge(found)
+        elif decision.action == "remove_block":
+            block = residual_block(node)
+            if not block:
+                raise decision.error(f"cannot remove the block: {block}")
+            call = bind(node)
+            edits.at(decision.target).shortcut = [call["input"], call["other"]].index(block[1])
+        else:
+            raise decision.error("this action cannot be applied to a trainable model")
+        kinds.add(bind(node).kind)
+    for consumer, channels in group.consumers.items():
+        source = bind(consumer)["input"]
+        edits.at(stable_name(consumer)).mask_input = (channel_axis(source), tuple(sorted(channels)))
+        kinds.add(bind(consumer).kind)
+    edits.kinds = frozenset(kinds)
+    return edits
+
+
+class _EvalMode:
+    """Puts a model in eval mode for a block and gives every module its own mode back afterwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.modes = model, {}
+
+    def __enter__(self):
+        self.modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for module, training in self.modes.items():
+            module.training = training
+
+
+def planned_graph(model: torch.nn.Module, example_inputs, plan: Plan | None = None) -> fx.GraphModule:
+    """The captured graph of `model` (a planned model: of its base) with its plan, then `plan`, applied and
+    no merge: stable names and shapes annotated. Refuses a plan that does not fit (PlanError)."""
+    base = base_of(model)
+    full = Plan(plan_of(model).decisions + (plan or Plan()).decisions, plan_of(model).model or type(base).__name__)
+    with _EvalMode(base), torch.no_grad():
+        gm = capture(base, check_inputs(base.eval(), example_inputs))
+    annotate_names(gm)
+    annotate_shapes(gm, tuple(example_inputs))
+    check_plan(gm, full)
+    gm.fxcompress_plan = full
+    return gm
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs) -> torch.nn.Module:
+    """A trainable copy of `model` with `plan` applied at its call sites (see the module docstring); `model`
+    may itself be planned, and the copy then carries both plans. `example_inputs` are used to find and check
+    the call sites. Raises PlanError where the plan does not fit the model or cannot be applied at call time.
+    """
+    plan = Plan.load(plan)
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    gm = planned_graph(model, example_inputs, plan)
+    full = gm.fxcompress_plan
+    edits = _edits(gm, full)
+    planned = copy.deepcopy(base_of(model))
+    planned.__class__ = _planned_class(type(planned))
+    planned.__dict__["_fxcompress_plan"] = full
+    planned.__dict__["_fxcompress_edits"] = edits
+    _verify(planned, gm, example_inputs)
+    return planned
+
+
+def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Refuse a planned copy whose call sites or eval-mode outputs differ from the graph with the plan."""
+    names = {kind: [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == kind]
+             for kind in planned._fxcompress_edits.kinds}
+    reference_gm, _ = compress_graph(copy.deepcopy(gm), example_inputs, CompressConfig(), gm.fxcompress_plan,
+                                     exact_passes=())
+    samples = sample_inputs(example_inputs)
+    expected = [output_tensors(reference_gm(*fresh(sample))) for sample in samples]
+    actual = []
+    with _EvalMode(planned), torch.no_grad():
+        for sample in samples:
+            sites = _CallSites(planned, planned._fxcompress_edits)
+            with sites:
+                actual.append(output_tensors(type(planned).__mro__[1].forward(planned, *fresh(sample))))
+            seen = sorted(sites.seen)
+    graph_sites = sorted(name for kind in names for name in names[kind])
+    if seen != graph_sites:
+        missing = sorted(set(graph_sites) - set(seen))[:3]
+        raise PlanError(f"cannot apply the plan at call time: this model's calls do not match its graph's op names "
+                        f"(graph only: {missing}, calls only: {sorted(set(seen) - set(graph_sites))[:3]})")
+    error = relative_error(expected, actual)
+    if not error <= TOLERANCE:
+        raise PlanError(f"cannot apply the plan at call time: the planned model's outputs differ from the graph "
+                        f"with the plan by {error:.3g} (relative; tolerance {TOLERANCE})")
