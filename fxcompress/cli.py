@@ -3,6 +3,7 @@
   fxcompress demo       compress the pretrained MobileNetV2 with the exact passes and time it (default)
   fxcompress compress   compress a model and write the artifact (.pt2, .onnx or TensorRT), plan and report
   fxcompress bench      time original vs compressed on chosen lowerings and batch sizes
+  fxcompress prune      make a model shallower by a method's fine-tuning loop on a data set
 """
 from __future__ import annotations
 
@@ -162,6 +163,67 @@ def bench_command(args) -> int:
     return 0
 
 
+RUN_FILES = ("checkpoint.pt", "kept.pt", "trajectory.json", "plan.json", "model.pt", "model.pt2", "model.onnx")
+
+
+def _prepare_run_folder(args) -> Path:
+    """The run folder, refused where it holds anything and neither --resume nor --force is given; --force
+    deletes the files of an earlier run."""
+    out = Path(args.out)
+    _check_output_folder("--out", out)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file, not a folder")
+    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if args.resume and args.force:
+        raise OptionError("give --resume or --force, not both")
+    if args.resume and "checkpoint.pt" not in held:
+        raise OptionError(f"--resume: {out} holds no run to resume (no checkpoint.pt)")
+    if held and not (args.resume or args.force):
+        raise OptionError(f"--out {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                          "pass --resume to continue its run or --force to start over")
+    if args.force:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def prune_command(args) -> int:
+    from .data import fashion_mnist_splits
+    from .finetune import distributed
+    from .finetune.loop import prune
+    from .finetune.trainer import TrainConfig
+    from .models import with_classes
+
+    distributed.init_from_env()
+    out = _prepare_run_folder(args)
+    train_config = TrainConfig(optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
+                               label_smoothing=args.label_smoothing, batch_size=args.batch_size,
+                               max_batches=args.max_batches, progress=distributed.is_main())
+    data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
+                                test_samples=args.test_samples, seed=args.seed, flip=True)
+    model = with_classes(load_model(args.model), data.classes)
+    example = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)),)
+    result = prune(model, example, method=args.method, data=data, train_config=train_config, out=out,
+                   resume=args.resume, device=str(distributed.device_for_rank()), steps=args.steps,
+                   per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
+                   max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
+                   latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
+                   selection=args.selection, tlc_rank=args.tlc_rank, seed=args.seed)
+    if distributed.is_main():
+        compressed = compress(result.model, example)
+        artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32")
+        result.plan.save(out / "plan.json")
+        torch.save(result.model.state_dict(), out / "model.pt")
+        kept = result.trajectory.steps[result.trajectory.kept]
+        print(f"stopped: {result.trajectory.stopped}; kept step {kept['step']}: "
+              f"{kept['activations_linearised']} activations linearised, weight layers "
+              f"{kept['dense_weight_layers']} -> {kept['weight_layers']}, validation {kept['validation']:.4f}, "
+              f"test {kept['test']:.4f}")
+        print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {out / 'model.pt'}, {artifact}")
+    distributed.shutdown()
+    return 0
+
+
 def _checked(text: str, convert, accept, expected: str):
     """`text` converted, or the ArgumentTypeError argparse turns into exit code 2."""
     try:
@@ -238,7 +300,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated")
     bench_parser.add_argument("--repeats", type=_positive_int, default=20)
     bench_parser.add_argument("--json", help="write the rows as JSON to this path")
+    _prune_parser(commands)
     return parser
+
+
+def _prune_parser(commands) -> None:
+    from .finetune.methods import METHODS, TLC_RANKS
+    from .finetune.loop import SELECTIONS
+    from .finetune.trainer import OPTIMIZERS, SCHEDULES
+
+    sub = commands.add_parser("prune", help="make a model shallower by a method's fine-tuning loop")
+    sub.add_argument("model", nargs="?", default=None,
+                     help="as for compress; its last linear layer is replaced to fit the data set's classes")
+    sub.add_argument("--method", choices=list(METHODS), default="easier")
+    sub.add_argument("--data", choices=["fashion-mnist"], default="fashion-mnist")
+    sub.add_argument("--size", type=_positive_int, default=64, help="input resolution")
+    sub.add_argument("--out", required=True, help="run folder: checkpoint, trajectory, plan, weights, artifact")
+    sub.add_argument("--resume", action="store_true", help="continue the run in --out")
+    sub.add_argument("--force", action="store_true", help="start over, deleting the run in --out")
+    sub.add_argument("--max-drop", type=_fraction, default=0.01,
+                     help="largest validation accuracy drop from the dense model (0.01 = 1 point)")
+    sub.add_argument("--steps", type=_positive_int, help="at most this many steps")
+    sub.add_argument("--per-step", type=_positive_int, default=1, help="activations chosen per step")
+    sub.add_argument("--epochs-per-step", type=_positive_int, default=1)
+    sub.add_argument("--dense-epochs", type=int, default=0, help="train the dense model first (new data)")
+    sub.add_argument("--activations", type=_positive_int, help="budget: activations linearised")
+    sub.add_argument("--macs-ratio", type=_fraction, help="budget: compressed / dense MACs")
+    sub.add_argument("--latency-ratio", type=_fraction, help="budget: compressed / dense latency on --lowering")
+    sub.add_argument("--latency", action="store_true", help="measure the latency ratio at every step")
+    sub.add_argument("--lowering", choices=["onnxruntime", "inductor", "eager"], default="onnxruntime")
+    sub.add_argument("--selection", choices=list(SELECTIONS), default="criterion")
+    sub.add_argument("--tlc-rank", choices=list(TLC_RANKS), default="error")
+    sub.add_argument("--train-samples", type=_positive_int, help="cap on the training split (per epoch)")
+    sub.add_argument("--validation-samples", type=_positive_int, default=2000)
+    sub.add_argument("--test-samples", type=_positive_int, help="cap on the test split (default: all 10k)")
+    sub.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
+    sub.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
+    sub.add_argument("--lr", type=float, default=0.01)
+    sub.add_argument("--label-smoothing", type=_fraction, default=0.0)
+    sub.add_argument("--batch-size", type=_positive_int, default=64)
+    sub.add_argument("--max-batches", type=_positive_int, help="cap on batches per epoch (smoke runs)")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.set_defaults(handler=prune_command)
 
 
 def main(argv: list[str] | None = None) -> int:

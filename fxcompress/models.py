@@ -45,6 +45,24 @@ def torchvision_model(name: str) -> torch.nn.Module:
     return models.get_model(name).eval()
 
 
+def with_classes(model: torch.nn.Module, classes: int, seed: int = 0) -> torch.nn.Module:
+    """`model` with its last nn.Linear replaced by a freshly initialised one of `classes` outputs (seeded), in
+    place, where it has another number of outputs; an ExportedProgram or a model without one is refused."""
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)] \
+        if isinstance(model, torch.nn.Module) else []
+    if not linears:
+        raise OptionError(f"{type(model).__name__} has no nn.Linear head to fit {classes} classes")
+    name, last = linears[-1]
+    if last.out_features == classes:
+        return model
+    parent = model.get_submodule(name.rpartition(".")[0])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(last.in_features, classes, bias=last.bias is not None)
+    setattr(parent, name.rpartition(".")[2], head)
+    return model
+
+
 def load_model(reference: str):
     """A model from a command-line reference: `pretrained_mobilenet_v2`, `package.module:factory`, a saved
     ExportedProgram (`.pt2`), or a torchvision model name."""

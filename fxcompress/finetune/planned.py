@@ -233,17 +233,25 @@ class _EvalMode:
             module.training = training
 
 
-def planned_graph(model: torch.nn.Module, example_inputs, plan: Plan | None = None) -> fx.GraphModule:
-    """The captured graph of `model` (a planned model: of its base) with its plan, then `plan`, applied and
-    no merge: stable names and shapes annotated. Refuses a plan that does not fit (PlanError)."""
+def _captured(model: torch.nn.Module, example_inputs, plan: Plan) -> fx.GraphModule:
+    """The captured graph of `model` (a planned model: of its base), names and shapes annotated, with
+    `fxcompress_plan`: the model's plan then `plan`, checked against it (PlanError)."""
     base = base_of(model)
-    full = Plan(plan_of(model).decisions + (plan or Plan()).decisions, plan_of(model).model or type(base).__name__)
+    full = Plan(plan_of(model).decisions + plan.decisions, plan_of(model).model or type(base).__name__)
     with _EvalMode(base), torch.no_grad():
         gm = capture(base, check_inputs(base.eval(), example_inputs))
     annotate_names(gm)
     annotate_shapes(gm, tuple(example_inputs))
     check_plan(gm, full)
     gm.fxcompress_plan = full
+    return gm
+
+
+def planned_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+    """The graph of a planned model, as the compiler sees it: captured from its base, its plan applied, no
+    merge; stable names and shapes annotated (what the methods score)."""
+    gm = _captured(model, tuple(example_inputs), Plan())
+    gm, _ = compress_graph(gm, tuple(example_inputs), CompressConfig(), gm.fxcompress_plan, exact_passes=())
     return gm
 
 
@@ -254,7 +262,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs) 
     """
     plan = Plan.load(plan)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    gm = planned_graph(model, example_inputs, plan)
+    gm = _captured(model, example_inputs, plan)
     full = gm.fxcompress_plan
     edits = _edits(gm, full)
     planned = copy.deepcopy(base_of(model))

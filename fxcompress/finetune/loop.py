@@ -1,0 +1,370 @@
+"""The fine-tuning loop every method runs: score -> choose -> apply -> fine-tune -> evaluate -> record.
+
+`prune(model, example_inputs, method=..., ...)` starts from the dense model (step 0, after `dense_epochs` of
+training where asked) and repeats, until a budget is met (`activations` linearised, `macs_ratio` or
+`latency_ratio` of the compressed model against the dense one), the validation score drops more than
+`max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
+result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved:
+`checkpoint.pt` (model state, plan, RNG, trajectory), `kept.pt` (the last step within the tolerance) and
+`trajectory.json`; `resume=True` continues an interrupted run from its last checkpoint (a step that was
+interrupted starts again; each step seeds its own random generators, so a resumed run makes the same choices).
+
+Training and evaluation are either the caller's (`finetune(model, step)` trains the model in place;
+`evaluate(model) -> score`, higher is better, on a validation split; `test(model) -> score` optional) or the
+built-in trainer's on `data` (`fashion_mnist_splits` or any `Splits`) with a `TrainConfig`. Under an initialised
+process group (torchrun), rank 0 chooses and broadcasts the decisions, every rank applies and trains, and only
+rank 0 writes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..api import compress
+from ..errors import OptionError, finite_number
+from ..measure import measure
+from ..plan import Decision, Plan
+from . import distributed
+from .methods import StepInputs, make_method
+from .planned import apply_plan, base_of, plan_of
+from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
+
+SELECTIONS = ("criterion", "latency")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    method: str = "easier"
+    steps: int | None = None  # at most this many steps after the dense one
+    per_step: int = 1  # activations chosen per step
+    epochs_per_step: int = 1
+    dense_epochs: int = 0  # training of the dense model before step 0 (a pretrained model on new data)
+    max_drop: float = 0.01  # largest validation drop from the dense model (a fraction: 0.01 = 1 point)
+    activations: int | None = None  # budget: activations linearised
+    macs_ratio: float | None = None  # budget: compressed MACs / dense MACs
+    latency_ratio: float | None = None  # budget: compressed latency / dense latency on `lowering`
+    lowering: str = "onnxruntime"
+    measure_latency: bool = False  # record latency ratios every step (always with a latency_ratio budget)
+    selection: str = "criterion"
+    tlc_rank: str = "error"
+    calibration_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
+            raise OptionError(f"steps must be an int >= 0, got {self.steps!r}")
+        for name in ("per_step", "epochs_per_step", "calibration_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise OptionError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.dense_epochs, int) or self.dense_epochs < 0:
+            raise OptionError(f"dense_epochs must be an int >= 0, got {self.dense_epochs!r}")
+        if not 0 <= finite_number("max_drop", self.max_drop) <= 1:
+            raise OptionError(f"max_drop must be in [0, 1], got {self.max_drop!r}")
+        if self.activations is not None and (not isinstance(self.activations, int) or self.activations < 1):
+            raise OptionError(f"budget 'activations' must be an int >= 1, got {self.activations!r}")
+        for name in ("macs_ratio", "latency_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < finite_number(f"budget '{name}'", value) <= 1:
+                raise OptionError(f"budget '{name}' must be in (0, 1], got {value!r}")
+        if self.selection not in SELECTIONS:
+            raise OptionError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        options = {"rank": self.tlc_rank} if self.method == "tlc" else {}
+        make_method(self.method, **options)
+
+    @property
+    def latency(self) -> bool:
+        return self.measure_latency or self.latency_ratio is not None
+
+
+@dataclass
+class Trajectory:
+    settings: dict
+    steps: list[dict] = field(default_factory=list)
+    kept: int = 0  # the last step within the tolerance
+    stopped: str = ""  # why the loop ended
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        _atomic(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=2)))
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module  # the kept step's planned model (eval mode)
+    plan: Plan
+    trajectory: Trajectory
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+class _BuiltIn:
+    """Training and evaluation by the built-in trainer on `data` (train, validation, test splits)."""
+
+    def __init__(self, data, config: TrainConfig, device: str):
+        self.data, self.config, self.device = data, config, device
+
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int) -> None:
+        train(model, self.data.train, self.config, epochs, seed=seed, device=self.device,
+              find_unused_parameters=bool(plan_of(model).targets("remove_block")))
+
+    def validation(self, model: torch.nn.Module) -> float:
+        return evaluate_on(model, self.data.validation, device=self.device).accuracy
+
+    def test(self, model: torch.nn.Module) -> float:
+        return evaluate_on(model, self.data.test, device=self.device).accuracy
+
+
+class _Callables:
+    def __init__(self, finetune: Callable, evaluate: Callable, test: Callable | None):
+        self.finetune_fn, self.evaluate_fn, self.test_fn = finetune, evaluate, test
+
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int) -> None:
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            self.finetune_fn(model.train())
+
+    def validation(self, model: torch.nn.Module) -> float:
+        return _score(self.evaluate_fn, model, "evaluate")
+
+    def test(self, model: torch.nn.Module) -> float | None:
+        return None if self.test_fn is None else _score(self.test_fn, model, "test")
+
+
+def _score(function: Callable, model: torch.nn.Module, name: str) -> float:
+    with torch.no_grad():
+        value = function(model.eval())
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return finite_number(f"the {name} callable's score (higher is better)", value)
+
+
+def _calibration(data, count: int, batch_size: int) -> tuple[list, tuple | None]:
+    """The first `count` training batches (inputs only) and the first validation batch, fixed for the run."""
+    if data is None:
+        return [], None
+    train_loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=False,
+                                               collate_fn=collate_fn(data.train, train=False))
+    batches = []
+    for images, _ in train_loader:
+        batches.append((images,))
+        if len(batches) == count:
+            break
+    validation_loader = torch.utils.data.DataLoader(data.validation, batch_size=batch_size, shuffle=False,
+                                                    collate_fn=collate_fn(data.validation, train=False))
+    return batches, tuple(next(iter(validation_loader)))
+
+
+class _Loop:
+    def __init__(self, model, example_inputs, config: LoopConfig, runner, calibration: list,
+                 validation_batch, out: Path | None, progress: bool):
+        self.example_inputs, self.config, self.runner, self.out = example_inputs, config, runner, out
+        self.calibration, self.validation_batch, self.progress = calibration, validation_batch, progress
+        options = {"rank": config.tlc_rank} if config.method == "tlc" else {}
+        self.method = make_method(config.method, **options)
+        self.model = apply_plan(model, Plan(), example_inputs)
+        self.trajectory = Trajectory(asdict(config))
+        self.dense = None  # the dense model (eval), for latency
+        self.kept_model = None
+        self.dense_report = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def _checkpoint(self, path: Path) -> dict | None:
+        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+    def save(self, within: bool) -> None:
+        if self.out is None or not distributed.is_main():
+            return
+        state = {"plan": plan_of(self.model).to_dict(), "state_dict": base_of(self.model).state_dict(),
+                 "trajectory": self.trajectory.to_dict(), "dense_state_dict": self.dense.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        _atomic(self.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        if within:
+            kept = {"step": self.trajectory.steps[-1]["step"], "plan": state["plan"], "state_dict": state["state_dict"]}
+            _atomic(self.out / "kept.pt", lambda tmp: torch.save(kept, tmp))
+        self.trajectory.save(self.out / "trajectory.json")
+
+    def resume(self) -> bool:
+        state = self._checkpoint(self.out / "checkpoint.pt") if self.out is not None else None
+        if state is None:
+            return False
+        saved = state["trajectory"]["settings"]
+        changed = sorted(key for key in saved if key != "steps" and saved[key] != asdict(self.config).get(key))
+        if changed:
+            raise OptionError(f"{self.out} holds a run with other settings ({', '.join(changed)}); "
+                              "use another folder or start over with force")
+        self.dense = copy.deepcopy(base_of(self.model))
+        self.dense.load_state_dict(state["dense_state_dict"])
+        self.dense.eval()
+        self.model = self._load(state["plan"], state["state_dict"])
+        self.trajectory = Trajectory(**state["trajectory"])
+        self.trajectory.settings = asdict(self.config)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        return True
+
+    def _load(self, plan: dict, state_dict: dict) -> torch.nn.Module:
+        base = copy.deepcopy(base_of(self.model))
+        base.load_state_dict(state_dict)
+        return apply_plan(base.eval(), Plan.from_dict(plan), self.example_inputs)
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def dense_step(self) -> None:
+        started = time.time()
+        if self.config.dense_epochs:
+            self.runner.finetune(self.model, self.config.dense_epochs, self.config.seed)
+        self.dense = copy.deepcopy(base_of(self.model)).eval()
+        self.record(0, [], started)
+
+    def record(self, step: int, choices: list, started: float) -> dict:
+        model = self.model.eval()
+        entry = {"step": step, "decisions": [asdict(d) for c in choices for d in c.decisions],
+                 "chosen": [c.target for c in choices],
+                 "scores": {c.target: c.score for c in choices if not math.isnan(c.score)},
+                 "validation": self.runner.validation(model), "test": self.runner.test(model)}
+        if distributed.is_main():
+            entry.update(self.metrics(model))
+        entry["seconds"] = round(time.time() - started, 1)
+        entry = distributed.broadcast_object(entry)
+        dense = self.trajectory.steps[0]["validation"] if self.trajectory.steps else entry["validation"]
+        entry["drop"] = dense - entry["validation"]
+        entry["within_tolerance"] = entry["drop"] <= self.config.max_drop
+        self.trajectory.steps.append(entry)
+        if entry["within_tolerance"]:
+            self.trajectory.kept, self.kept_model = step, self.model
+        self.save(entry["within_tolerance"])
+        return entry
+
+    def metrics(self, model: torch.nn.Module) -> dict:
+        result = compress(model, self.example_inputs)
+        if self.dense_report is None:
+            self.dense_report = result.report if not self.trajectory.steps else \
+                compress(self.dense, self.example_inputs).report
+        before = self.dense_report.before
+        after = result.report.after
+        metrics = {"activations_linearised": len(plan_of(model).targets("linearize")),
+                   "activations": after.activations, "weight_layers": after.weight_layers, "depth": after.depth,
+                   "params": after.params, "macs": after.macs, "macs_ratio": after.macs / before.macs,
+                   "dense_weight_layers": before.weight_layers}
+        if self.config.latency:
+            timing = measure({"dense": self.dense, "compressed": result.module}, self.example_inputs,
+                             lowering=self.config.lowering)
+            metrics["latency_ratio"] = timing["results"]["compressed"]["ratio"]
+            metrics["latency_ms"] = {name: r["median_ms"] for name, r in timing["results"].items()}
+        return metrics
+
+    def budget_met(self, entry: dict) -> str:
+        config = self.config
+        if config.activations is not None and entry["activations_linearised"] >= config.activations:
+            return f"budget of {config.activations} activations met"
+        if config.macs_ratio is not None and entry["macs_ratio"] <= config.macs_ratio:
+            return f"budget macs_ratio {config.macs_ratio} met"
+        if config.latency_ratio is not None and entry["latency_ratio"] <= config.latency_ratio:
+            return f"budget latency_ratio {config.latency_ratio} met"
+        return ""
+
+    def choose(self, step: int) -> list:
+        choices = None
+        if distributed.is_main():
+            inputs = StepInputs(self.example_inputs, self.calibration, self.validation_batch,
+                                random.Random(self.config.seed * 1000 + step))
+            choices = self.method.choose(self.model.eval(), inputs, self.config.per_step)
+        return distributed.broadcast_object(choices)
+
+    def run(self) -> Trajectory:
+        steps = self.trajectory.steps
+        if not steps:
+            self.dense_step()
+        while True:
+            step = steps[-1]["step"] + 1
+            stop = self.stop_reason(step)
+            if stop:
+                break
+            started = time.time()
+            choices = self.choose(step)
+            if not choices and self.method.name != "control":
+                stop = "the method has nothing left to choose"
+                break
+            decisions = tuple(d for choice in choices for d in choice.decisions)
+            self.model = apply_plan(self.model.eval(), Plan(decisions), self.example_inputs)
+            self.runner.finetune(self.model, self.config.epochs_per_step, self.config.seed * 1000 + step)
+            self.record(step, choices, started)
+        self.trajectory.stopped = stop
+        self.save(False)
+        return self.trajectory
+
+    def stop_reason(self, step: int) -> str:
+        last = self.trajectory.steps[-1]
+        if not last["within_tolerance"]:
+            return f"validation dropped {last['drop']:.4f} > max_drop {self.config.max_drop}"
+        if last["step"] > 0 and (met := self.budget_met(last)):
+            return met
+        if self.config.steps is not None and step > self.config.steps:
+            return f"{self.config.steps} steps done"
+        return ""
+
+    def result(self) -> PruneResult:
+        kept = self.trajectory.kept
+        if self.trajectory.steps[-1]["step"] == kept:
+            model = self.model
+        elif self.out is not None and (state := self._checkpoint(self.out / "kept.pt")) is not None:
+            model = self._load(state["plan"], state["state_dict"])
+        else:
+            model = self.kept_model
+        return PruneResult(model.eval(), plan_of(model), self.trajectory)
+
+
+def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", data=None,
+          train_config: TrainConfig | None = None, finetune: Callable | None = None,
+          evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
+          out: str | Path | None = None, resume: bool = False, device: str = "cpu", progress: bool = True,
+          **options) -> PruneResult:
+    """Make `model` shallower with `method` ("easier", "tlc", "random", "control") by the fine-tuning loop
+    (module docstring). Options are the fields of `LoopConfig`. Give either `data` (train, validation and
+    test splits for the built-in trainer, configured by `train_config`) or `finetune` and `evaluate`
+    callables (then `calibration` batches for the entropy criterion). The caller's model is not modified."""
+    config = LoopConfig(method=method, **options)
+    if (data is None) == (finetune is None or evaluate is None):
+        raise OptionError("give either data= (for the built-in trainer) or finetune= and evaluate= callables")
+    if data is not None:
+        train_config = train_config or TrainConfig()
+        runner = _BuiltIn(data, train_config, device)
+        calibration, validation_batch = _calibration(data, config.calibration_batches, train_config.batch_size)
+    else:
+        runner, validation_batch = _Callables(finetune, evaluate, test), None
+        calibration = [batch if isinstance(batch, tuple) else (batch,) for batch in (calibration or [])]
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    out = _prepare_folder(out, resume)
+    loop = _Loop(model, example_inputs, config, runner, calibration, validation_batch, out, progress)
+    if resume:
+        loop.resume()
+    loop.run()
+    return loop.result()
+
+
+def _prepare_folder(out, resume: bool) -> Path | None:
+    if out is None:
+        if resume:
+            raise OptionError("resume needs the folder of the run (out=)")
+        return None
+    out = Path(out)
+    if not resume and (out / "checkpoint.pt").exists():
+        raise OptionError(f"{out} already holds a run; resume it or choose another folder")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,183 @@
+"""The fine-tuning loop: each method's trajectory on a tiny budget, stopping rules, resume after a kill, the
+`prune` command and its bad inputs. Real Fashion-MNIST, a few batches per step."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import fxcompress
+from fxcompress import OptionError, Plan
+from fxcompress.cli import main as cli_main
+from fxcompress.data import FASHION_MNIST_DIR, fashion_mnist_splits
+from fxcompress.finetune import plan_of
+from fxcompress.finetune.loop import prune
+from fxcompress.finetune.trainer import TrainConfig
+from fxcompress.models import with_classes
+
+from loop_models import small_cnn
+
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+TESTS = Path(__file__).parent
+X16 = (torch.randn(1, 3, 16, 16),)
+FEW = TrainConfig(max_batches=2, batch_size=16, progress=False)
+
+
+def tiny_data(size=16):
+    return fashion_mnist_splits(size, validation=64, train_samples=96, test_samples=64)
+
+
+STEP_KEYS = {"step", "decisions", "chosen", "scores", "validation", "test", "activations_linearised", "activations",
+             "weight_layers", "depth", "params", "macs", "macs_ratio", "dense_weight_layers", "seconds", "drop",
+             "within_tolerance"}
+
+
+def check_trajectory(result, steps):
+    trajectory = result.trajectory
+    assert [entry["step"] for entry in trajectory.steps] == list(range(steps + 1))
+    for entry in trajectory.steps:
+        assert set(entry) >= STEP_KEYS
+        assert 0 <= entry["validation"] <= 1 and 0 <= entry["test"] <= 1
+        assert entry["drop"] == pytest.approx(trajectory.steps[0]["validation"] - entry["validation"])
+    linearised = [entry["activations_linearised"] for entry in trajectory.steps]
+    assert linearised == sorted(linearised)
+    assert linearised[-1] == len(plan_of(result.model).targets("linearize")) or trajectory.kept < steps
+    json.dumps(trajectory.to_dict())
+
+
+@pytest.mark.parametrize("method", ["easier", pytest.param("tlc", marks=pytest.mark.slow),
+                                    pytest.param("random", marks=pytest.mark.slow),
+                                    pytest.param("control", marks=pytest.mark.slow)])
+def test_each_method_records_a_well_formed_trajectory_on_resnet18(method):
+    model = with_classes(torchvision.models.resnet18(), 10).eval()
+    result = prune(model, X16, method=method, data=tiny_data(), train_config=FEW, steps=2, per_step=2,
+                   max_drop=1.0, calibration_batches=1)
+    check_trajectory(result, 2)
+    final = result.trajectory.steps[-1]
+    if method == "control":
+        assert final["activations_linearised"] == 0 and final["weight_layers"] == result.trajectory.steps[0][
+            "weight_layers"]
+    else:
+        assert final["activations_linearised"] >= 4
+        assert len(plan_of(result.model).targets("linearize")) == final["activations_linearised"]
+    assert not model.training and type(model) is torchvision.models.ResNet
+
+
+def test_the_loop_stops_at_the_tolerance_and_keeps_the_last_step_within_it():
+    scores = iter([0.9, 0.9, 0.5])
+
+    def finetune(model):
+        model(torch.randn(4, 3, 16, 16))
+
+    result = prune(small_cnn(), X16, method="random", finetune=finetune, evaluate=lambda m: next(scores),
+                   max_drop=0.1, steps=5)
+    steps = result.trajectory.steps
+    assert [entry["within_tolerance"] for entry in steps] == [True, True, False]
+    assert result.trajectory.kept == 1 and "dropped" in result.trajectory.stopped
+    assert len(plan_of(result.model).targets("linearize")) == 1
+
+
+def test_the_activation_budget_stops_the_loop():
+    result = prune(small_cnn(), X16, method="easier", data=tiny_data(), train_config=FEW, activations=2,
+                   max_drop=1.0, calibration_batches=1)
+    assert result.trajectory.steps[-1]["activations_linearised"] == 2
+    assert "budget" in result.trajectory.stopped
+
+
+def test_bad_loop_options_are_refused():
+    with pytest.raises(OptionError, match="unknown method"):
+        prune(small_cnn(), X16, method="magic", data=tiny_data())
+    with pytest.raises(OptionError, match="max_drop"):
+        prune(small_cnn(), X16, data=tiny_data(), max_drop=2)
+    with pytest.raises(OptionError, match="either data"):
+        prune(small_cnn(), X16, data=tiny_data(), finetune=lambda m: None, evaluate=lambda m: 1.0)
+
+
+def _prune_command(out, *extra):
+    return [sys.executable, "-m", "fxcompress.cli", "prune", "loop_models:small_cnn", "--method", "easier",
+            "--size", "16", "--out", str(out), "--steps", "3", "--max-drop", "1", "--train-samples", "256",
+            "--validation-samples", "64", "--test-samples", "64", "--batch-size", "16", "--lowering", "eager",
+            *extra]
+
+
+def _run(command):
+    return subprocess.run(command, cwd=TESTS, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_from_its_checkpoint_and_ends_with_the_same_plan(tmp_path):
+    whole = _run(_prune_command(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(_prune_command(interrupted), cwd=TESTS, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not _steps_done(interrupted) >= 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = _steps_done(interrupted)
+    assert 2 <= done <= 3 and not (interrupted / "plan.json").exists()
+    resumed = _run(_prune_command(interrupted, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    trajectory = json.loads((interrupted / "trajectory.json").read_text())
+    assert [entry["step"] for entry in trajectory["steps"]] == [0, 1, 2, 3]
+    assert Plan.load(interrupted / "plan.json") == Plan.load(tmp_path / "whole" / "plan.json")
+    assert len(Plan.load(interrupted / "plan.json").decisions) == 3
+
+
+def _steps_done(out):
+    try:
+        return len(json.loads((out / "trajectory.json").read_text())["steps"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_the_prune_command_writes_its_outputs(tmp_path):
+    completed = _run(_prune_command(tmp_path / "run", "--steps", "1", "--max-batches", "2"))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    out = tmp_path / "run"
+    for name in ("trajectory.json", "plan.json", "model.pt", "model.pt2", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    model = small_cnn()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    program = torch.export.load(out / "model.pt2").module()
+    planned = fxcompress.finetune.apply_plan(model, Plan.load(out / "plan.json"), X16)
+    with torch.no_grad():
+        assert torch.allclose(program(X16[0]), planned.eval()(X16[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--method", "magic"), "invalid choice: 'magic'"),
+    (("--max-drop", "1.5"), "expected a number in [0, 1]"),
+    (("--max-drop", "-0.1"), "expected a number in [0, 1]"),
+])
+def test_the_prune_command_refuses_bad_options(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_prune_command(tmp_path / "run", *extra)[3:])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_prune_command_never_overwrites_a_folder_without_resume_or_force(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(TESTS)
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "notes.txt").write_text("mine")
+    assert cli_main(_prune_command(held)[3:]) == 2
+    assert "not empty" in capsys.readouterr().err and (held / "notes.txt").read_text() == "mine"
+    assert cli_main(_prune_command(tmp_path / "new", "--resume")[3:]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+
+
+def test_the_prune_command_says_when_the_data_set_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(TESTS)
+    monkeypatch.setattr("fxcompress.data.FASHION_MNIST_DIR", tmp_path / "absent")
+    assert cli_main(_prune_command(tmp_path / "run")[3:]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
