@@ -46,10 +46,11 @@ def read_idx(path: str | Path) -> torch.Tensor:
     return values.reshape(shape)
 
 
-def fashion_mnist(split: str = "test", root: str | Path = FASHION_MNIST_DIR) -> tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist(split: str = "test", root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of the `train` (60k) or `test` (10k) split."""
     if split not in _SPLITS:
         raise OptionError(f"unknown split {split!r}; valid: {', '.join(_SPLITS)}")
+    root = FASHION_MNIST_DIR if root is None else root
     prefix = Path(root) / _SPLITS[split]
     images, labels = Path(f"{prefix}-images-idx3-ubyte.gz"), Path(f"{prefix}-labels-idx1-ubyte.gz")
     if not images.is_file() or not labels.is_file():
@@ -130,7 +131,7 @@ class Splits:
 
 def fashion_mnist_splits(size: int = 64, validation: int = 5000, train_samples: int | None = None,
                          test_samples: int | None = None, seed: int = 0, flip: bool = False,
-                         root: str | Path = FASHION_MNIST_DIR) -> Splits:
+                         root: str | Path | None = None) -> Splits:
     """Fashion-MNIST as train / validation / test ImageSets of `size` x `size` batches.
 
     The validation set is the first `validation` images of a permutation of the 60k train split seeded by

@@ -21,6 +21,7 @@ from fxcompress.finetune.loop import prune
 from fxcompress.finetune.trainer import TrainConfig
 from fxcompress.models import with_classes
 
+from helpers import randomize_batchnorm
 from loop_models import small_cnn
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
@@ -55,7 +56,7 @@ def check_trajectory(result, steps):
                                     pytest.param("random", marks=pytest.mark.slow),
                                     pytest.param("control", marks=pytest.mark.slow)])
 def test_each_method_records_a_well_formed_trajectory_on_resnet18(method):
-    model = with_classes(torchvision.models.resnet18(), 10).eval()
+    model = randomize_batchnorm(with_classes(torchvision.models.resnet18(), 10)).eval()
     result = prune(model, X16, method=method, data=tiny_data(), train_config=FEW, steps=2, per_step=2,
                    max_drop=1.0, calibration_batches=1)
     check_trajectory(result, 2)

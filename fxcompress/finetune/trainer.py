@@ -145,7 +145,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     if max_batches is not None:
         _integer("max_batches", max_batches, minimum=1)
     shard = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=_collate_fn(dataset, train=False))
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn(dataset, train=False))
     was_training = model.training
     model.to(device).eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -218,13 +218,13 @@ def _train_epoch(runner: nn.Module, loader: DataLoader, per_epoch: int, step: _S
 
 def _train_loader(dataset: Dataset, config: TrainConfig, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    collate_fn = _collate_fn(dataset, train=True)
+    collate = collate_fn(dataset, train=True)
     if distributed.initialized():
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=config.workers, collate_fn=collate_fn, generator=generator)
+                          num_workers=config.workers, collate_fn=collate, generator=generator)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                      num_workers=config.workers, collate_fn=collate_fn, generator=generator)
+                      num_workers=config.workers, collate_fn=collate, generator=generator)
 
 
 def _batches_per_epoch(loader: DataLoader, config: TrainConfig) -> int:
@@ -235,7 +235,9 @@ def _batches_per_epoch(loader: DataLoader, config: TrainConfig) -> int:
     return batches
 
 
-def _collate_fn(dataset: Dataset, train: bool):
+def collate_fn(dataset: Dataset, train: bool):
+    """The DataLoader collate_fn of `dataset`: `data.collate` for an ImageSet (flips only when training a set
+    that asks for them), else None (torch's default)."""
     if isinstance(dataset, data.ImageSet):
         return data.collate(dataset.size, flip=train and dataset.flip)
     return None
