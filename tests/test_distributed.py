@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from fxcompress.data import FASHION_MNIST_DIR
 from fxcompress.errors import OptionError
 from fxcompress.finetune import distributed
 from fxcompress.finetune.trainer import evaluate, train
@@ -89,3 +90,35 @@ def test_device_for_rank_follows_local_rank(monkeypatch):
     assert distributed.device_for_rank() == torch.device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed.device_for_rank() == torch.device("cpu")
+
+
+def run_loop_rank(rank: int, port: int, out_dir: str) -> None:
+    """One rank of the fine-tuning loop: each rank gives its own run folder; only rank 0's may be written."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env(backend="gloo")
+    try:
+        from fxcompress.data import fashion_mnist_splits
+        from fxcompress.finetune import plan_of
+        from fxcompress.finetune.loop import prune
+        from loop_models import small_cnn
+        data = fashion_mnist_splits(16, validation=64, train_samples=128, test_samples=64)
+        result = prune(small_cnn(), (torch.randn(1, 3, 16, 16),), method="easier", data=data,
+                       train_config=quiet(max_batches=2), steps=2, max_drop=1.0, calibration_batches=1,
+                       out=os.path.join(out_dir, f"run{rank}"))
+        torch.save({"plan": plan_of(result.model).to_dict(), "state": result.model.state_dict(),
+                    "trajectory": result.trajectory.to_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_two_gloo_ranks_run_the_loop_to_the_same_plan_and_only_rank_0_writes(tmp_path):
+    mp.spawn(run_loop_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    assert ranks[0]["plan"] == ranks[1]["plan"] and len(ranks[0]["plan"]["decisions"]) >= 2
+    assert ranks[0]["trajectory"] == ranks[1]["trajectory"]
+    assert all(torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]) for name in ranks[0]["state"])
+    assert (tmp_path / "run0" / "checkpoint.pt").is_file() and not (tmp_path / "run1").exists()
