@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ DATA = {"validation": 2000, "train_samples": 3000, "test_samples": 5000, "batch_
 DENSE = {"mobilenet_v2": {"epochs": 2, "train_samples": 12000, "lr": 0.01},
          "resnet18": {"epochs": 4, "train_samples": 12000, "lr": 0.05}}
 LOOP = {"mobilenet_v2": {"per_step": 2, "steps": 17}, "resnet18": {"per_step": 1, "steps": 16}}
-METHODS = ("easier", "tlc", "random", "control")
+CONTROL_STEPS = 10  # the control fine-tunes as long as a method's run usually lasts
+METHODS = ("easier", "tlc", "random", "control", "easier-latency", "tlc-latency")  # -latency: selection latency
 MAX_DROP = 0.03  # the loop goes on past 1 point, so that the plots show where accuracy falls; the table
 # reports the last step within 1 point
 
@@ -84,15 +86,16 @@ def dense(name: str) -> None:
 def run(name: str, method: str) -> None:
     folder = RUNS / name / method
     loop = LOOP[name]
-    command = [sys.executable, "-m", "fxcompress.cli", "prune", f"bench.prune_fashion:{name}", "--method", method,
+    command = [sys.executable, "-m", "fxcompress.cli", "prune", f"bench.prune_fashion:{name}",
+               "--method", method.removesuffix("-latency"), "--selection", "latency" if "-latency" in method else "criterion",
                "--size", str(SIZE), "--out", str(folder), "--max-drop", str(MAX_DROP),
-               "--steps", str(loop["steps"]), "--per-step", str(loop["per_step"]),
+               "--steps", str(CONTROL_STEPS if method == "control" else loop["steps"]), "--per-step", str(loop["per_step"]),
                "--train-samples", str(DATA["train_samples"]), "--validation-samples", str(DATA["validation"]),
                "--test-samples", str(DATA["test_samples"]), "--batch-size", str(DATA["batch_size"]),
                "--lowering", "onnxruntime"]
     if (folder / "checkpoint.pt").is_file():
         command.append("--resume")
-    subprocess.run(command, check=True, cwd=ROOT.parent)
+    subprocess.run(command, check=True, cwd=ROOT.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source, target in (("trajectory.json", f"{name}_{method}.json"), ("plan.json", f"{name}_{method}_plan.json")):
         shutil.copy(folder / source, RESULTS / target)
@@ -104,7 +107,7 @@ def main() -> None:
     parser.add_argument("model", nargs="?", choices=list(DENSE))
     parser.add_argument("method", nargs="?", choices=list(METHODS))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     if args.command == "dense":
         dense(args.model)
     elif args.command == "run":

@@ -166,7 +166,7 @@ def bench_command(args) -> int:
 RUN_FILES = ("checkpoint.pt", "kept.pt", "trajectory.json", "plan.json", "model.pt", "model.pt2", "model.onnx")
 
 
-def _prepare_run_folder(args) -> Path:
+def _prepare_run_folder(args) -> None:
     """The run folder, refused where it holds anything and neither --resume nor --force is given; --force
     deletes the files of an earlier run."""
     out = Path(args.out)
@@ -184,7 +184,6 @@ def _prepare_run_folder(args) -> Path:
     if args.force:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    return out
 
 
 def prune_command(args) -> int:
@@ -195,7 +194,16 @@ def prune_command(args) -> int:
     from .models import with_classes
 
     distributed.init_from_env()
-    out = _prepare_run_folder(args)
+    refusal = None
+    if distributed.is_main():
+        try:
+            _prepare_run_folder(args)
+        except OptionError as error:
+            refusal = str(error)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal:
+        raise OptionError(refusal)
+    out = Path(args.out)
     train_config = TrainConfig(optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                                label_smoothing=args.label_smoothing, batch_size=args.batch_size,
                                max_batches=args.max_batches, progress=distributed.is_main())
@@ -305,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prune_parser(commands) -> None:
-    from .finetune.methods import METHODS, TLC_RANKS
-    from .finetune.loop import SELECTIONS
+    from .finetune.methods import METHODS, SELECTIONS, TLC_RANKS
     from .finetune.trainer import OPTIMIZERS, SCHEDULES
 
     sub = commands.add_parser("prune", help="make a model shallower by a method's fine-tuning loop")

@@ -29,15 +29,13 @@ from typing import Callable
 import torch
 
 from ..api import compress
-from ..errors import OptionError, finite_number
+from ..errors import OptionError, PassError, PlanError, finite_number
 from ..measure import measure
 from ..plan import Decision, Plan
 from . import distributed
-from .methods import StepInputs, make_method
+from .methods import SELECTIONS, StepInputs, make_method
 from .planned import apply_plan, base_of, plan_of
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
-
-SELECTIONS = ("criterion", "latency")
 
 
 @dataclass(frozen=True)
@@ -103,6 +101,10 @@ class PruneResult:
     model: torch.nn.Module  # the kept step's planned model (eval mode)
     plan: Plan
     trajectory: Trajectory
+
+
+def _decisions(choices: list) -> tuple[Decision, ...]:
+    return tuple(decision for choice in choices for decision in choice.decisions)
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -174,7 +176,7 @@ class _Loop:
         self.example_inputs, self.config, self.runner, self.out = example_inputs, config, runner, out
         self.calibration, self.validation_batch, self.progress = calibration, validation_batch, progress
         options = {"rank": config.tlc_rank} if config.method == "tlc" else {}
-        self.method = make_method(config.method, **options)
+        self.method = make_method(config.method, config.selection, **options)
         self.model = apply_plan(model, Plan(), example_inputs)
         self.trajectory = Trajectory(asdict(config))
         self.dense = None  # the dense model (eval), for latency
@@ -286,6 +288,25 @@ class _Loop:
             choices = self.method.choose(self.model.eval(), inputs, self.config.per_step)
         return distributed.broadcast_object(choices)
 
+    def apply(self, choices: list) -> tuple[torch.nn.Module, list]:
+        """The current model with `choices` applied, and the choices applied: all at once, else one by one,
+        dropping those that cannot be applied together with the earlier ones (channels removed from a group in
+        which a later choice zeroes channels)."""
+        model = self.model.eval()
+        try:
+            return apply_plan(model, Plan(_decisions(choices)), self.example_inputs), choices
+        except (PlanError, PassError):
+            if len(choices) == 1:
+                raise
+        applied = []
+        for choice in choices:
+            try:
+                candidate = apply_plan(model, Plan(_decisions(applied + [choice])), self.example_inputs)
+            except (PlanError, PassError):
+                continue
+            applied.append(choice)
+        return candidate if applied else model, applied
+
     def run(self) -> Trajectory:
         steps = self.trajectory.steps
         if not steps:
@@ -300,8 +321,11 @@ class _Loop:
             if not choices and self.method.name != "control":
                 stop = "the method has nothing left to choose"
                 break
-            decisions = tuple(d for choice in choices for d in choice.decisions)
-            self.model = apply_plan(self.model.eval(), Plan(decisions), self.example_inputs)
+            model, applied = self.apply(choices)
+            if choices and not applied:
+                stop = "none of the chosen decisions can be applied"
+                break
+            self.model, choices = model, applied
             self.runner.finetune(self.model, self.config.epochs_per_step, self.config.seed * 1000 + step)
             self.record(step, choices, started)
         self.trajectory.stopped = stop

@@ -13,9 +13,16 @@ activations already linearised are gone from it) and returns the decisions of th
   validation batch when the candidate alone is applied (`rank="loss"`, one `apply_plan` per candidate).
 - "random": `count` remaining activations in a seeded random order (a baseline).
 - "control": nothing: the loop only fine-tunes (extra training alone improves a model).
+
+`selection="criterion"` takes the candidates in the criterion's order (the papers). `selection="latency"` also
+forms joint candidates, pairs of activations that follow each other in a chain (the two of an inverted
+residual: linearised together, the block and its shortcut merge into one dense conv, where either alone
+unlocks only a merge that costs more), and takes, best score first, those whose merges make the compressed
+model cheaper in MACs (LayerMerge's point: choose what actually runs faster); `latency_choice`.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -28,14 +35,18 @@ from .. import meta
 from ..config import CompressConfig
 from ..context import Calibration, PassContext
 from ..criteria import OFF
-from ..errors import OptionError
-from ..graph import names_of_kind, stable_name
+from ..errors import OptionError, PassError, PlanError
+from ..graph import names_of_kind, real_users, stable_name
+from ..ops import bind
 from ..passes import ANALYSES
 from ..plan import Decision, Plan
 from ..planner import layer_error, off_decision, regions_refusal
+from ..pipeline import compress_graph
 from .planned import apply_plan, planned_graph
 
 TLC_RANKS = ("error", "loss")
+SELECTIONS = ("criterion", "latency")
+JOINT_LIMIT = 12  # single candidates whose MACs after merging the latency selection measures (and every pair)
 
 
 @dataclass(frozen=True)
@@ -62,44 +73,62 @@ def _analyse(gm: fx.GraphModule, names: tuple[str, ...], inputs: StepInputs) -> 
         ANALYSES[name](gm, PassContext(CompressConfig(), name, calibration=calibration))
 
 
-class Easier:
-    name = "easier"
+class Method:
+    """A method ranks candidates on the current model's graph; `choose` takes the first `count` of them, or,
+    with `selection="latency"`, the best that make the compressed model cheaper (`latency_choice`)."""
+
+    name = ""
+
+    def __init__(self, selection: str = "criterion"):
+        if selection not in SELECTIONS:
+            raise OptionError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        self.selection = selection
+
+    def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
+        raise NotImplementedError
+
+    def take(self, candidates: list[Choice], count: int) -> list[Choice]:
+        return candidates[:count]
 
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
+        gm = planned_graph(model, inputs.example_inputs)
+        candidates = self.candidates(gm, model, inputs)
+        if self.selection == "latency" and candidates:
+            return latency_choice(gm, candidates, count, inputs.example_inputs)
+        return self.take(candidates, count)
+
+
+class Easier(Method):
+    name = "easier"
+
+    def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
         if not inputs.calibration:
             raise OptionError("method 'easier' needs calibration batches")
-        gm = planned_graph(model, inputs.example_inputs)
         _analyse(gm, ("annotate_entropy",), inputs)
         scored = sorted((node.meta[meta.ACTIVATION_STATS].layer_entropy, stable_name(node))
                         for node in gm.graph.nodes if meta.ACTIVATION_STATS in node.meta)
-        chosen = [pair for index, pair in enumerate(scored) if index < count or pair[0] == 0]
-        return [Choice(name, (Decision("linearize", name),), entropy) for entropy, name in chosen]
+        return [Choice(name, (Decision("linearize", name),), entropy) for entropy, name in scored]
+
+    def take(self, candidates: list[Choice], count: int) -> list[Choice]:
+        return [choice for index, choice in enumerate(candidates) if index < count or choice.score == 0]
 
 
-class Tlc:
+class Tlc(Method):
     name = "tlc"
 
-    def __init__(self, rank: str = "error"):
+    def __init__(self, selection: str = "criterion", rank: str = "error"):
+        super().__init__(selection)
         if rank not in TLC_RANKS:
             raise OptionError(f"TLC rank must be one of {', '.join(TLC_RANKS)}, got {rank!r}")
         self.rank = rank
 
-    def candidates(self, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
-        gm = planned_graph(model, inputs.example_inputs)
+    def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
         _analyse(gm, (("annotate_entropy",) if inputs.calibration else ()) + ("annotate_bn_state",), inputs)
-        found = []
-        for node in gm.graph.nodes:
-            if meta.CHANNEL_STATES in node.meta:
-                choice = _tlc_choice(gm, node)
-                if choice is not None:
-                    found.append(choice)
-        return found
-
-    def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
-        found = self.candidates(model, inputs)
+        found = [choice for node in gm.graph.nodes if meta.CHANNEL_STATES in node.meta
+                 and (choice := _tlc_choice(gm, node)) is not None]
         if self.rank == "loss":
             found = [Choice(c.target, c.decisions, _loss_gap(model, c, inputs)) for c in found]
-        return sorted(found, key=lambda choice: choice.score)[:count]
+        return sorted(found, key=lambda choice: choice.score)
 
 
 def _tlc_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
@@ -133,26 +162,84 @@ def _loss_gap(model: torch.nn.Module, choice: Choice, inputs: StepInputs) -> flo
     return loss(apply_plan(model, Plan(choice.decisions), inputs.example_inputs)) - loss(model)
 
 
-class RandomOrder:
+class RandomOrder(Method):
     name = "random"
 
-    def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
-        remaining = names_of_kind(planned_graph(model, inputs.example_inputs), "activation")
-        chosen = inputs.rng.sample(remaining, min(count, len(remaining)))
-        return [Choice(name, (Decision("linearize", name),), math.nan) for name in chosen]
+    def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
+        names = names_of_kind(gm, "activation")
+        inputs.rng.shuffle(names)
+        return [Choice(name, (Decision("linearize", name),), float(index)) for index, name in enumerate(names)]
 
 
-class Control:
+class Control(Method):
     name = "control"
 
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         return []
 
 
+def next_activation(node: fx.Node) -> fx.Node | None:
+    """The activation that `node`'s output reaches through a chain of single-user ops none of which is an
+    activation (convs, BatchNorms, adds, ...), or None."""
+    current = node
+    while len(users := real_users(current)) == 1:
+        current = users[0]
+        call = bind(current)
+        if call is not None and call.kind == "activation":
+            return current
+    return None
+
+
+def joint_candidates(gm: fx.GraphModule, candidates: list[Choice]) -> list[Choice]:
+    """Pairs of candidates whose activations follow each other in a chain (the two activations of an inverted
+    residual): together they can make a block linear. Scored by the sum of their scores."""
+    by_name = {choice.target: choice for choice in candidates}
+    pairs = []
+    for node in gm.graph.nodes:
+        first = by_name.get(stable_name(node))
+        following = next_activation(node) if first is not None else None
+        second = by_name.get(stable_name(following)) if following is not None else None
+        if second is not None:
+            pairs.append(Choice(f"{first.target}+{second.target}", first.decisions + second.decisions,
+                                first.score + second.score))
+    return pairs
+
+
+def latency_choice(gm: fx.GraphModule, candidates: list[Choice], count: int, example_inputs,
+                   limit: int = JOINT_LIMIT) -> list[Choice]:
+    """The lowest-scored candidates, single or joint, that make the compressed graph cheaper: of the `limit`
+    best-scored singles and every pair, those whose merges cut MACs (`compress_graph` with the exact passes and
+    the cost model), best score first (a pair's score is the sum of its two), up to `count` activations; the
+    criterion's order where none does."""
+    pool = sorted(candidates[:limit] + joint_candidates(gm, candidates), key=lambda choice: choice.score)
+    base = _macs(gm, Plan(), example_inputs)
+    saving = [choice for choice in pool if (macs := _macs(gm, Plan(choice.decisions), example_inputs)) is not None
+              and macs < base]
+    chosen, targets = [], set()
+    for choice in saving:
+        names = set(choice.target.split("+"))
+        if names & targets or len(targets) + len(names) > count:
+            continue
+        chosen.append(choice)
+        targets |= names
+    return chosen or candidates[:count]
+
+
+def _macs(gm: fx.GraphModule, plan: Plan, example_inputs) -> int | None:
+    """MACs of `gm` compressed with `plan`; None where the plan's decisions cannot be applied together (channels
+    removed from a group in which another decision zeroes channels by their former indices)."""
+    try:
+        with torch.no_grad():
+            _, report = compress_graph(copy.deepcopy(gm), tuple(example_inputs), CompressConfig(), plan)
+    except (PlanError, PassError):
+        return None
+    return report.after.macs
+
+
 METHODS = {"easier": Easier, "tlc": Tlc, "random": RandomOrder, "control": Control}
 
 
-def make_method(name: str, **options):
+def make_method(name: str, selection: str = "criterion", **options) -> Method:
     if name not in METHODS:
         raise OptionError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return METHODS[name](**options)
+    return METHODS[name](selection, **options)
