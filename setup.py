@@ -16,6 +16,7 @@ setup(
         "criteria": ["pot", "tqdm"],
         "tokens": ["timm", "transformers"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "torch_dynamo_backends": ["depthprune = fxcompress.dynamo_backend:depthprune"],

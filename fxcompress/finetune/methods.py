@@ -87,15 +87,22 @@ class Method:
     def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
         raise NotImplementedError
 
-    def take(self, candidates: list[Choice], count: int) -> list[Choice]:
-        return candidates[:count]
+    def take(self, gm: fx.GraphModule, candidates: list[Choice], count: int, example_inputs) -> list[Choice]:
+        """The first `count` candidates that can be applied together (`applicable`)."""
+        chosen = []
+        for candidate in candidates:
+            if len(chosen) == count:
+                break
+            if applicable(gm, chosen + [candidate], example_inputs):
+                chosen.append(candidate)
+        return chosen
 
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         gm = planned_graph(model, inputs.example_inputs)
         candidates = self.candidates(gm, model, inputs)
         if self.selection == "latency" and candidates:
             return latency_choice(gm, candidates, count, inputs.example_inputs)
-        return self.take(candidates, count)
+        return self.take(gm, candidates, count, inputs.example_inputs)
 
 
 class Easier(Method):
@@ -109,7 +116,7 @@ class Easier(Method):
                         for node in gm.graph.nodes if meta.ACTIVATION_STATS in node.meta)
         return [Choice(name, (Decision("linearize", name),), entropy) for entropy, name in scored]
 
-    def take(self, candidates: list[Choice], count: int) -> list[Choice]:
+    def take(self, gm: fx.GraphModule, candidates: list[Choice], count: int, example_inputs) -> list[Choice]:
         return [choice for index, choice in enumerate(candidates) if index < count or choice.score == 0]
 
 
@@ -218,11 +225,27 @@ def latency_choice(gm: fx.GraphModule, candidates: list[Choice], count: int, exa
     chosen, targets = [], set()
     for choice in saving:
         names = set(choice.target.split("+"))
-        if names & targets or len(targets) + len(names) > count:
+        if names & targets or len(targets) + len(names) > count or \
+                not applicable(gm, chosen + [choice], example_inputs):
             continue
         chosen.append(choice)
         targets |= names
     return chosen or candidates[:count]
+
+
+def applicable(gm: fx.GraphModule, choices: list[Choice], example_inputs) -> bool:
+    """Whether the decisions of `choices` can be applied together: always for linearisations; channel
+    decisions are tried (a group whose channels one removes while another zeroes some by index cannot)."""
+    decisions = tuple(d for choice in choices for d in choice.decisions)
+    if all(decision.action == "linearize" for decision in decisions):
+        return True
+    try:
+        with torch.no_grad():
+            compress_graph(copy.deepcopy(gm), tuple(example_inputs), CompressConfig(), Plan(decisions),
+                           exact_passes=())
+    except (PlanError, PassError):
+        return False
+    return True
 
 
 def _macs(gm: fx.GraphModule, plan: Plan, example_inputs) -> int | None:
