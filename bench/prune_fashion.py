@@ -6,6 +6,8 @@
                                                        run's steps on ONNX Runtime at the run's size; of each
                                                        run's step within 1 point also at 224 and on Inductor
   python bench/prune_fashion.py report                 plots (PNG) and the summary table (Markdown) of all runs
+  python bench/prune_fashion.py freeze                 commit the demo's models: the dense MobileNetV2 and the kept
+                                                       step of its DEMO_RUN, float16 weights and plan, in DEMO_FILE
   python bench/prune_fashion.py demo                   the main job: the committed shallower MobileNetV2 against
                                                        the dense one (test accuracy, depth, latency)
 
@@ -207,9 +209,57 @@ def report() -> None:
     print("\n".join(rows))
 
 
+DEMO_RUN = "easier-latency"
+DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
+
+
+def freeze() -> None:
+    kept = torch.load(RUNS / "mobilenet_v2" / DEMO_RUN / "kept.pt", map_location="cpu", weights_only=False)
+    dense_state = torch.load(dense_path("mobilenet_v2"), map_location="cpu", weights_only=True)
+    half = lambda state: {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    torch.save({"run": DEMO_RUN, "step": kept["step"], "plan": kept["plan"], "dense": half(dense_state),
+                "kept": half(kept["state_dict"])}, DEMO_FILE)
+    print(f"wrote {DEMO_FILE} (step {kept['step']} of {DEMO_RUN})")
+
+
+def demo() -> None:
+    from fxcompress import Plan, compress
+    from fxcompress.data import fashion_mnist_splits
+    from fxcompress.finetune import apply_plan
+    from fxcompress.finetune.trainer import evaluate
+    saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)
+    dense, kept = base_model("mobilenet_v2"), base_model("mobilenet_v2")
+    dense.load_state_dict({key: value.float() for key, value in saved["dense"].items()})
+    kept.load_state_dict({key: value.float() for key, value in saved["kept"].items()})
+    example = (torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),)
+    plan = Plan.from_dict(saved["plan"])
+    shallower = apply_plan(kept.eval(), plan, example)
+    test = fashion_mnist_splits(SIZE, validation=DATA["validation"]).test
+    print(f"MobileNetV2 (ImageNet weights) fine-tuned on Fashion-MNIST at {SIZE}px, made shallower by "
+          f"{saved['run']} (step {saved['step']} of bench/prune_fashion.py; weights and plan committed in "
+          f"{DEMO_FILE.relative_to(ROOT.parent)})\n")
+    rows = {}
+    for label, model in (("dense", dense.eval()), ("shallower", shallower)):
+        report = compress(model, example).report
+        rows[label] = (report, evaluate(model, test).accuracy)
+    dense_report = rows["dense"][0]
+    print(f"{'':10} {'activations':>11} {'weight layers':>14} {'MACs':>8} {'test accuracy (10k)':>20}")
+    print(f"{'original':10} {dense_report.before.activations:>11} {dense_report.before.weight_layers:>14} "
+          f"{dense_report.before.macs / 1e6:>7.1f}M {'':>20}")
+    for label, (report, accuracy) in rows.items():
+        after = report.after
+        print(f"{label:10} {after.activations:>11} {after.weight_layers:>14} {after.macs / 1e6:>7.1f}M "
+              f"{100 * accuracy:>19.2f}%")
+    print(f"\nactivations linearised: {len(plan.targets('linearize'))} of {dense_report.before.activations}")
+    for size in (SIZE, 224):
+        ratio = latency_ratio(dense.eval(), plan, size, "onnxruntime")
+        print(f"batch-1 latency on ONNX Runtime at {size}x{size}: shallower / dense = {ratio:.3f} "
+              f"({1 / ratio:.2f}x faster)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["dense", "run", "latency", "report", "demo"])
+    parser.add_argument("command", choices=["dense", "run", "latency", "report", "freeze", "demo"])
     parser.add_argument("model", nargs="?", choices=list(DENSE))
     parser.add_argument("method", nargs="?", choices=list(METHODS))
     args = parser.parse_args()
@@ -222,6 +272,10 @@ def main() -> None:
         latency(args.model)
     elif args.command == "report":
         report()
+    elif args.command == "freeze":
+        freeze()
+    elif args.command == "demo":
+        demo()
 
 
 if __name__ == "__main__":

@@ -247,6 +247,10 @@ class _Loop:
         entry["drop"] = dense - entry["validation"]
         entry["within_tolerance"] = entry["drop"] <= self.config.max_drop
         self.trajectory.steps.append(entry)
+        if self.progress and distributed.is_main():
+            print(f"step {step}: {entry.get('activations_linearised', 0)} activations linearised, weight layers "
+                  f"{entry.get('weight_layers')}, validation {entry['validation']:.4f} (drop {entry['drop']:+.4f}), "
+                  f"test {entry['test'] if entry['test'] is None else round(entry['test'], 4)}", flush=True)
         if entry["within_tolerance"]:
             self.trajectory.kept, self.kept_model = step, self.model
         self.save(entry["within_tolerance"])
@@ -284,7 +288,7 @@ class _Loop:
         choices = None
         if distributed.is_main():
             inputs = StepInputs(self.example_inputs, self.calibration, self.validation_batch,
-                                random.Random(self.config.seed * 1000 + step))
+                                random.Random(self.config.seed * 1000 + step), self.progress)
             choices = self.method.choose(self.model.eval(), inputs, self.config.per_step)
         return distributed.broadcast_object(choices)
 
@@ -361,7 +365,9 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
     """Make `model` shallower with `method` ("easier", "tlc", "random", "control") by the fine-tuning loop
     (module docstring). Options are the fields of `LoopConfig`. Give either `data` (train, validation and
     test splits for the built-in trainer, configured by `train_config`) or `finetune` and `evaluate`
-    callables (then `calibration` batches for the entropy criterion). The caller's model is not modified."""
+    callables (then `calibration` batches for the entropy criterion). `progress` prints a line per step and
+    shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
+    modified."""
     config = LoopConfig(method=method, **options)
     if (data is None) == (finetune is None or evaluate is None):
         raise OptionError("give either data= (for the built-in trainer) or finetune= and evaluate= callables")

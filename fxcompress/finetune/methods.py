@@ -65,10 +65,12 @@ class StepInputs:
     calibration: list
     validation_batch: tuple | None
     rng: random.Random
+    progress: bool = False  # a progress bar over the calibration batches
 
 
 def _analyse(gm: fx.GraphModule, names: tuple[str, ...], inputs: StepInputs) -> None:
-    calibration = Calibration(inputs.calibration, example=inputs.example_inputs) if inputs.calibration else None
+    calibration = Calibration(inputs.calibration, inputs.progress, inputs.example_inputs) \
+        if inputs.calibration else None
     for name in names:
         ANALYSES[name](gm, PassContext(CompressConfig(), name, calibration=calibration))
 
