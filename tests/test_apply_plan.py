@@ -162,3 +162,14 @@ def test_bad_plans_and_misuse_are_refused():
         fxcompress.capture(planned, (X,))
     with pytest.raises(OptionError, match="apply_plan"):
         fxcompress.compress(planned, (X,), criterion="bn")
+
+
+def test_zeroed_and_removed_channels_of_one_group_use_the_original_indices():
+    """Regression: remove_channels ran before zero_channels, which then indexed the shrunk BatchNorm with the
+    original indices (PassError: index 30 out of bounds; MobileNetV2's stem and first depthwise share a group)."""
+    model = trained_batchnorm(torchvision.models.mobilenet_v2())
+    plan = Plan((Decision("zero_channels", "features.0.2:hardtanh", {"channels": [0, 4, 30, 31]}),
+                 Decision("linearize", "features.0.2:hardtanh"),
+                 Decision("remove_channels", "features.1.conv.0.2:hardtanh", {"channels": [1, 5, 6]}),
+                 Decision("linearize", "features.1.conv.0.2:hardtanh")))
+    assert_equals_compress(model, plan)
