@@ -21,9 +21,10 @@ from .zero_channels import ZERO_CHANNELS
 ANALYSES = {fn.__name__: fn for fn in (annotate_entropy, annotate_bn_state, annotate_block_distance)}
 
 # Plan actions, each defined beside its pass (`plan.PlanAction`); their passes run first, in this order, and
-# change outputs by design. Blocks go before channels (a removed block's channels need no removal), channels
-# before linearize (an off channel is removed or zeroed while its activation still zeroes it).
-PLAN_ACTIONS = {action.name: action for action in (REMOVE_BLOCK, REMOVE_CHANNELS, ZERO_CHANNELS, LINEARIZE,
+# change outputs by design. Blocks go before channels (a removed block's channels need no removal), zeroing
+# before removing (both index channels as in the original graph; zeroing keeps shapes), channels before
+# linearize (an off channel is removed or zeroed while its activation still zeroes it).
+PLAN_ACTIONS = {action.name: action for action in (REMOVE_BLOCK, ZERO_CHANNELS, REMOVE_CHANNELS, LINEARIZE,
                                                    MERGE_TOKENS)}
 
 # Exact passes, repeated in this order until none changes the graph: absorbing a shortcut can turn a
