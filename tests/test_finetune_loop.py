@@ -1,7 +1,6 @@
 """The fine-tuning loop: each method's trajectory on a tiny budget, stopping rules, resume after a kill, the
 `prune` command and its bad inputs. Real Fashion-MNIST, a few batches per step."""
 import json
-import os
 import signal
 import subprocess
 import sys

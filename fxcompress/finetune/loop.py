@@ -33,7 +33,7 @@ from ..errors import OptionError, PassError, PlanError, finite_number
 from ..measure import measure
 from ..plan import Decision, Plan
 from . import distributed
-from .methods import SELECTIONS, StepInputs, make_method
+from .methods import StepInputs, make_method
 from .planned import apply_plan, base_of, plan_of
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
 
@@ -72,10 +72,8 @@ class LoopConfig:
             value = getattr(self, name)
             if value is not None and not 0 < finite_number(f"budget '{name}'", value) <= 1:
                 raise OptionError(f"budget '{name}' must be in (0, 1], got {value!r}")
-        if self.selection not in SELECTIONS:
-            raise OptionError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         options = {"rank": self.tlc_rank} if self.method == "tlc" else {}
-        make_method(self.method, **options)
+        make_method(self.method, self.selection, **options)
 
     @property
     def latency(self) -> bool:
@@ -156,8 +154,6 @@ def _score(function: Callable, model: torch.nn.Module, name: str) -> float:
 
 def _calibration(data, count: int, batch_size: int) -> tuple[list, tuple | None]:
     """The first `count` training batches (inputs only) and the first validation batch, fixed for the run."""
-    if data is None:
-        return [], None
     train_loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=False,
                                                collate_fn=collate_fn(data.train, train=False))
     batches = []
@@ -183,8 +179,6 @@ class _Loop:
         self.kept_model = None
         self.dense_report = None
 
-    # -- checkpoints ---------------------------------------------------------------------------------------
-
     def _checkpoint(self, path: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
@@ -200,10 +194,11 @@ class _Loop:
             _atomic(self.out / "kept.pt", lambda tmp: torch.save(kept, tmp))
         self.trajectory.save(self.out / "trajectory.json")
 
-    def resume(self) -> bool:
-        state = self._checkpoint(self.out / "checkpoint.pt") if self.out is not None else None
+    def resume(self) -> None:
+        """Continue from the checkpoint in `out`, if there is one."""
+        state = self._checkpoint(self.out / "checkpoint.pt")
         if state is None:
-            return False
+            return
         saved = state["trajectory"]["settings"]
         changed = sorted(key for key in saved if key != "steps" and saved[key] != asdict(self.config).get(key))
         if changed:
@@ -217,14 +212,11 @@ class _Loop:
         self.trajectory.settings = asdict(self.config)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        return True
 
     def _load(self, plan: dict, state_dict: dict) -> torch.nn.Module:
         base = copy.deepcopy(base_of(self.model))
         base.load_state_dict(state_dict)
         return apply_plan(base.eval(), Plan.from_dict(plan), self.example_inputs)
-
-    # -- steps ---------------------------------------------------------------------------------------------
 
     def dense_step(self) -> None:
         started = time.time()
@@ -233,7 +225,7 @@ class _Loop:
         self.dense = copy.deepcopy(base_of(self.model)).eval()
         self.record(0, [], started)
 
-    def record(self, step: int, choices: list, started: float) -> dict:
+    def record(self, step: int, choices: list, started: float) -> None:
         model = self.model.eval()
         entry = {"step": step, "decisions": [asdict(d) for c in choices for d in c.decisions],
                  "chosen": [c.target for c in choices],
@@ -254,7 +246,6 @@ class _Loop:
         if entry["within_tolerance"]:
             self.trajectory.kept, self.kept_model = step, self.model
         self.save(entry["within_tolerance"])
-        return entry
 
     def metrics(self, model: torch.nn.Module) -> dict:
         result = compress(model, self.example_inputs)
