@@ -1,6 +1,7 @@
 """Typed errors, each naming the option, node, pass or package at fault; and `NoMatch`, the reason a pass did
 not rewrite a site."""
 import math
+from dataclasses import fields
 from numbers import Real
 
 
@@ -39,6 +40,15 @@ class MissingDependencyError(FxCompressError, ImportError):
 def valid_choice(kind: str, value: object, choices) -> None:
     if value not in choices:
         raise OptionError(f"unknown {kind} {value!r}; valid: {', '.join(sorted(map(str, choices)))}")
+
+
+def known_fields(kind: str, options: dict, cls) -> dict:
+    """`options`, refused (OptionError naming the valid ones) where a key is not a field of dataclass `cls`."""
+    valid = {field.name for field in fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise OptionError(f"unknown {kind} option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid))}")
+    return options
 
 
 def finite_number(what: str, value: object) -> float:

@@ -82,7 +82,8 @@ class LoopConfig:
 
 @dataclass
 class Trajectory:
-    settings: dict
+    settings: dict  # the LoopConfig
+    training: dict = field(default_factory=dict)  # the built-in trainer's TrainConfig
     steps: list[dict] = field(default_factory=list)
     kept: int = 0  # the last step within the tolerance
     stopped: str = ""  # why the loop ended
@@ -374,6 +375,8 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
     loop = _Loop(model, example_inputs, config, runner, calibration, validation_batch, out, progress)
     if resume:
         loop.resume()
+    if data is not None:
+        loop.trajectory.training = train_config.to_dict()
     loop.run()
     return loop.result()
 

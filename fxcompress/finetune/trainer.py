@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .. import data
-from ..errors import OptionError, finite_number, valid_choice
+from ..errors import OptionError, finite_number, known_fields, valid_choice
 from . import distributed
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -79,12 +79,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, options: dict) -> "TrainConfig":
         """The config of `options` (as `to_dict` writes it); unknown keys are an OptionError."""
-        names = {field.name for field in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise OptionError(f"unknown train option(s) {', '.join(map(repr, unknown))}; "
-                              f"valid: {', '.join(sorted(names))}")
-        return cls(**options)
+        return cls(**known_fields("train", options, cls))
 
     def to_dict(self) -> dict:
         """The options as JSON-ready values (milestones as a list)."""

@@ -1,9 +1,9 @@
 """TokenConfig: which token reduction, where and how much; validated once, turned into a per-layer schedule."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from ..errors import OptionError, finite_number, valid_choice
+from ..errors import OptionError, finite_number, known_fields, valid_choice
 from ..token_merge import REDUCERS, pool_count
 
 METHODS = tuple(REDUCERS)
@@ -69,12 +69,7 @@ class TokenConfig:
             return options
         if not isinstance(options, dict):
             raise OptionError(f"token options must be a TokenConfig or a dict, got {type(options).__name__}")
-        valid = {field.name for field in fields(cls)}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise OptionError(f"unknown token option(s) {', '.join(map(repr, unknown))}; "
-                              f"valid: {', '.join(sorted(valid))}")
-        return cls(**options)
+        return cls(**known_fields("token", options, cls))
 
     @property
     def is_identity(self) -> bool:
