@@ -205,7 +205,8 @@ def prune_command(args) -> int:
         raise OptionError(refusal)
     out = Path(args.out)
     train_config = TrainConfig(optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
-                               label_smoothing=args.label_smoothing, batch_size=args.batch_size,
+                               label_smoothing=args.label_smoothing, distill=args.distill,
+                               batch_size=args.batch_size,
                                max_batches=args.max_batches, progress=distributed.is_main())
     data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
                                 test_samples=args.test_samples, seed=args.seed, flip=True)
@@ -345,6 +346,8 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
     sub.add_argument("--lr", type=float, default=0.01)
     sub.add_argument("--label-smoothing", type=_fraction, default=0.0)
+    sub.add_argument("--distill", type=_fraction, default=0.0,
+                     help="weight of knowledge distillation from the dense model (not in the papers)")
     sub.add_argument("--batch-size", type=_positive_int, default=64)
     sub.add_argument("--max-batches", type=_positive_int, help="cap on batches per epoch (smoke runs)")
     sub.add_argument("--seed", type=int, default=0)

@@ -2,6 +2,7 @@
 against hand-written torch loops, torch's cross-entropy and an independent numpy resize."""
 from __future__ import annotations
 
+import math
 import copy
 import json
 
@@ -13,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from fxcompress import data
 from fxcompress.errors import MissingDependencyError, OptionError
-from fxcompress.finetune.trainer import TrainConfig, evaluate, lr_factor, make_optimizer, train
+from fxcompress.finetune.trainer import TrainConfig, distillation, evaluate, lr_factor, make_optimizer, train
 
 
 @pytest.fixture(autouse=True)
@@ -237,3 +238,14 @@ def test_fashion_mnist_batches_are_resized_and_imagenet_normalised():
         resized = resize @ (splits.test.images[index].numpy() / 255.0) @ resize.T
         expected = (resized[None] - mean[:, None, None]) / std[:, None, None]
         np.testing.assert_allclose(batch[index].numpy(), expected, atol=1e-5)
+
+
+def test_distillation_is_hintons_loss_and_needs_a_teacher():
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    p, q = (teacher / 4).softmax(1), (student / 4).softmax(1)
+    expected = 16 * (p * (p.log() - q.log())).sum(1).mean()
+    assert torch.allclose(distillation(student, teacher, 4.0), expected, atol=1e-6)
+    with pytest.raises(OptionError, match="teacher"):
+        train(tiny_net(), toy_set(), quiet(distill=0.5), 1, seed=0)
+    trained = train(tiny_net(), toy_set(), quiet(distill=0.5), 1, seed=0, teacher=tiny_net(seed=1))
+    assert math.isfinite(trained["epoch_losses"][0])

@@ -117,10 +117,12 @@ class _BuiltIn:
 
     def __init__(self, data, config: TrainConfig, device: str):
         self.data, self.config, self.device = data, config, device
+        self.teacher = None  # the dense model, distilled where config.distill > 0
 
     def finetune(self, model: torch.nn.Module, epochs: int, seed: int) -> None:
         train(model, self.data.train, self.config, epochs, seed=seed, device=self.device,
-              find_unused_parameters=bool(plan_of(model).targets("remove_block")))
+              find_unused_parameters=bool(plan_of(model).targets("remove_block")),
+              teacher=self.teacher if self.config.distill else None)
 
     def validation(self, model: torch.nn.Module) -> float:
         return evaluate_on(model, self.data.validation, device=self.device).accuracy
@@ -132,6 +134,7 @@ class _BuiltIn:
 class _Callables:
     def __init__(self, finetune: Callable, evaluate: Callable, test: Callable | None):
         self.finetune_fn, self.evaluate_fn, self.test_fn = finetune, evaluate, test
+        self.teacher = None
 
     def finetune(self, model: torch.nn.Module, epochs: int, seed: int) -> None:
         torch.manual_seed(seed)
@@ -207,7 +210,7 @@ class _Loop:
                               "use another folder or start over with force")
         self.dense = copy.deepcopy(base_of(self.model))
         self.dense.load_state_dict(state["dense_state_dict"])
-        self.dense.eval()
+        self.runner.teacher = self.dense.eval()
         self.model = self._load(state["plan"], state["state_dict"])
         self.trajectory = Trajectory(**state["trajectory"])
         self.trajectory.settings = asdict(self.config)
@@ -224,6 +227,7 @@ class _Loop:
         if self.config.dense_epochs:
             self.runner.finetune(self.model, self.config.dense_epochs, self.config.seed)
         self.dense = copy.deepcopy(base_of(self.model)).eval()
+        self.runner.teacher = self.dense
         self.record(0, [], started)
 
     def record(self, step: int, choices: list, started: float) -> None:

@@ -39,6 +39,9 @@ class TrainConfig:
     schedule: "cosine" (from lr to 0 over the run, stepped per batch), "step" (x0.1 as the run passes each
         fraction in `milestones`) or "constant".
     label_smoothing: of the cross-entropy loss, in [0, 1).
+    distill: weight in [0, 1] of knowledge distillation from a teacher (`train(..., teacher=)`: the loop passes
+        the dense model), `temperature` its softening; the loss is (1 - distill) * CE + distill * KD. Not in the
+        published methods; off by default.
     amp: mixed precision on CUDA (bfloat16 autocast where supported, else float16 with a GradScaler); None turns
         it on where the training device is CUDA; True with a CPU device is an OptionError in `train`.
     max_batches: cap on the batches of each epoch (smoke runs, tests).
@@ -53,6 +56,8 @@ class TrainConfig:
     schedule: str = "cosine"
     milestones: tuple = (0.5, 0.75)
     label_smoothing: float = 0.0
+    distill: float = 0.0
+    temperature: float = 4.0
     batch_size: int = 64
     amp: bool | None = None
     max_batches: int | None = None
@@ -66,6 +71,9 @@ class TrainConfig:
         _in_range("momentum", self.momentum, low=0, high=1)
         _in_range("weight_decay", self.weight_decay, low=0)
         _in_range("label_smoothing", self.label_smoothing, low=0, high=1)
+        if not 0 <= finite_number("option 'distill'", self.distill) <= 1:
+            raise OptionError(f"option 'distill' must be in [0, 1], got {self.distill!r}")
+        _in_range("temperature", self.temperature, low=0, low_open=True)
         object.__setattr__(self, "milestones", _milestones(self.milestones))
         _integer("batch_size", self.batch_size, minimum=1)
         _integer("workers", self.workers, minimum=0)
@@ -96,7 +104,8 @@ class Evaluation:
 
 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, epochs: int, *, seed: int,
-          device: str | torch.device = "cpu", find_unused_parameters: bool = False) -> dict:
+          device: str | torch.device = "cpu", find_unused_parameters: bool = False,
+          teacher: nn.Module | None = None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
     {"epoch_losses": mean training loss of each epoch (averaged over ranks), "batches": batches per rank}.
 
@@ -104,7 +113,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, epochs: int, 
     `seed` and the last incomplete batch is dropped; an `ImageSet` is batched by `data.collate`, any other
     dataset by the default collate. Under a process group each rank trains on its DistributedSampler shard
     through DistributedDataParallel (with `find_unused_parameters`), and rank 0's buffers are copied to every
-    rank at the end, so all ranks hold the same model.
+    rank at the end, so all ranks hold the same model. With `config.distill > 0`, `teacher` (run in eval mode,
+    without gradients) is distilled into the model.
     """
     device = _resolve(device)
     amp_dtype = _amp_dtype(config.amp, device)
@@ -115,7 +125,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, epochs: int, 
     optimizer = make_optimizer(model, config)
     total = epochs * per_epoch
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
-    step = _Step(optimizer, scheduler, amp_dtype, config.label_smoothing)
+    if config.distill and teacher is None:
+        raise OptionError("option 'distill' needs a teacher model")
+    if teacher is not None and config.distill:
+        teacher = teacher.to(device).eval()
+    step = _Step(optimizer, scheduler, amp_dtype, config, teacher if config.distill else None)
     runner = _wrap(model, device, find_unused_parameters)
     losses = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
@@ -185,21 +199,35 @@ def lr_factor(config: TrainConfig, progress: float) -> float:
 class _Step:
     """One optimisation step: forward under autocast, backward (scaled for float16), optimiser and schedule."""
 
-    def __init__(self, optimizer, scheduler, amp_dtype: torch.dtype | None, label_smoothing: float) -> None:
+    def __init__(self, optimizer, scheduler, amp_dtype: torch.dtype | None, config: TrainConfig,
+                 teacher: nn.Module | None) -> None:
         self.optimizer, self.scheduler, self.amp_dtype = optimizer, scheduler, amp_dtype
-        self.label_smoothing = label_smoothing
+        self.config, self.teacher = config, teacher
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def __call__(self, runner: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(inputs.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = runner(inputs)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    targets = self.teacher(inputs)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        if self.teacher is not None:
+            loss = (1 - self.config.distill) * loss + self.config.distill * distillation(
+                logits.float(), targets.float(), self.config.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+
+def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss: T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean."""
+    return temperature ** 2 * F.kl_div(F.log_softmax(logits / temperature, 1),
+                                       F.log_softmax(teacher_logits / temperature, 1),
+                                       reduction="batchmean", log_target=True)
 
 
 def _train_epoch(runner: nn.Module, loader: DataLoader, per_epoch: int, step: _Step, device: torch.device,
