@@ -9,7 +9,11 @@ from .plan import Decision, Plan
 from .planner import PlanResult, find_plan
 from .report import Metrics, Report
 from .tokens import TokenConfig, reduce_tokens
+from .finetune import apply_plan, plan_of
+from .finetune.loop import PruneResult, prune
+from .finetune.trainer import TrainConfig
 
 __all__ = ["compress", "activation_names", "measure", "capture", "CompressResult", "CompressConfig", "Plan", "Decision", "Report", "Metrics",
            "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance",
+           "apply_plan", "plan_of", "prune", "PruneResult", "TrainConfig",
            "FxCompressError", "CaptureError", "OptionError", "PlanError", "PassError", "MissingDependencyError"]
