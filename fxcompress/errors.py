@@ -47,7 +47,8 @@ def known_fields(kind: str, options: dict, cls) -> dict:
     valid = {field.name for field in fields(cls)}
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise OptionError(f"unknown {kind} option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid))}")
+        raise OptionError(f"unknown {kind} option(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(sorted(valid))}")
     return options
 
 

@@ -67,8 +67,8 @@ def test_tlc_removes_or_zeroes_exactly_the_channels_with_negative_beta():
     model = randomize_batchnorm(small_cnn()).eval()
     chosen = make_method("tlc").choose(model, StepInputs(X, [], None, random.Random(0)), 4)
     assert chosen
-    batchnorms = {f"{index + 1}:relu": module for index, module in enumerate(model) if isinstance(module,
-                                                                                                    torch.nn.BatchNorm2d)}
+    batchnorms = {f"{index + 1}:relu": module for index, module in enumerate(model)
+                  if isinstance(module, torch.nn.BatchNorm2d)}
     for choice in chosen:
         beta = batchnorms[choice.target].bias.detach()
         off = sorted(torch.nonzero(beta < 0).flatten().tolist())
