@@ -39,13 +39,25 @@ DENSE = {"mobilenet_v2": {"epochs": 2, "train_samples": 12000, "lr": 0.01},
          "resnet18": {"epochs": 4, "train_samples": 12000, "lr": 0.05}}
 LOOP = {"mobilenet_v2": {"per_step": 2, "steps": 17}, "resnet18": {"per_step": 1, "steps": 16}}
 CONTROL_STEPS = 10  # the control fine-tunes as long as a method's run usually lasts
-# -latency: selection latency; -long: 3 epochs of fine-tuning per step; -kd: and distillation from the dense model
-METHODS = ("easier", "tlc", "random", "control", "easier-latency", "tlc-latency", "easier-latency-long",
-           "easier-latency-kd")
-# the candidates for the demo's model stop at 1 point: their kept step is within it
-MAX_DROP = {"easier-latency": 0.01, "easier-latency-long": 0.01, "easier-latency-kd": 0.01}
-MAX_DROP_CURVE = 0.03  # the other runs go on past 1 point, so that the plots show where accuracy falls; the
+MAX_DROP_CURVE = 0.03  # the methods' runs go on past 1 point, so that the plots show where accuracy falls; the
 # table reports their last step within 1 point
+# Each run: the method and the settings that differ from the defaults (selection criterion, 1 epoch per step,
+# no distillation, DATA's validation split, MAX_DROP_CURVE). The latency-aware variants stop at 1 point: their
+# kept step is a candidate for the demo's model.
+RUNS_OF = {
+    "easier": {"method": "easier"},
+    "tlc": {"method": "tlc"},
+    "random": {"method": "random"},
+    "control": {"method": "control", "steps": CONTROL_STEPS},
+    "easier-latency": {"method": "easier", "selection": "latency", "max_drop": 0.01},
+    "tlc-latency": {"method": "tlc", "selection": "latency", "max_drop": 0.01},
+    "easier-latency-long": {"method": "easier", "selection": "latency", "epochs": 3, "max_drop": 0.01},
+    "easier-latency-kd": {"method": "easier", "selection": "latency", "epochs": 3, "distill": 0.7,
+                          "max_drop": 0.01},
+    "easier-latency-kd-val5k": {"method": "easier", "selection": "latency", "epochs": 3, "distill": 0.7,
+                                "max_drop": 0.01, "validation": 5000},
+}
+METHODS = tuple(RUNS_OF)
 
 
 def base_model(name: str) -> torch.nn.Module:
@@ -98,14 +110,14 @@ def dense(name: str) -> None:
 def run(name: str, method: str) -> None:
     folder = RUNS / name / method
     loop = LOOP[name]
+    settings = RUNS_OF[method]
     command = [sys.executable, "-m", "fxcompress.cli", "prune", f"bench.prune_fashion:{name}",
-               "--method", method.split("-")[0], "--selection", "latency" if "-latency" in method else "criterion",
-               "--epochs-per-step", "3" if method.endswith(("-long", "-kd")) else "1",
-               "--distill", "0.7" if method.endswith("-kd") else "0",
-               "--size", str(SIZE), "--out", str(folder), "--max-drop", str(MAX_DROP.get(method, MAX_DROP_CURVE)),
-               "--steps", str(CONTROL_STEPS if method == "control" else loop["steps"]),
-               "--per-step", str(loop["per_step"]),
-               "--train-samples", str(DATA["train_samples"]), "--validation-samples", str(DATA["validation"]),
+               "--method", settings["method"], "--selection", settings.get("selection", "criterion"),
+               "--epochs-per-step", str(settings.get("epochs", 1)), "--distill", str(settings.get("distill", 0)),
+               "--max-drop", str(settings.get("max_drop", MAX_DROP_CURVE)),
+               "--steps", str(settings.get("steps", loop["steps"])), "--per-step", str(loop["per_step"]),
+               "--size", str(SIZE), "--out", str(folder), "--train-samples", str(DATA["train_samples"]),
+               "--validation-samples", str(settings.get("validation", DATA["validation"])),
                "--test-samples", str(DATA["test_samples"]), "--batch-size", str(DATA["batch_size"]),
                "--lowering", "onnxruntime"]
     if (folder / "checkpoint.pt").is_file():
