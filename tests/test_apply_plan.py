@@ -108,6 +108,7 @@ def test_train_mode_keeps_batchnorm_live_and_gradients_reach_every_parameter():
     optimiser.step()
 
 
+@pytest.mark.slow
 def test_compress_of_the_fine_tuned_model_merges_what_linearising_unlocked():
     model = trained_batchnorm(torchvision.models.mobilenet_v2())
     names = fxcompress.activation_names(model, (X,))
@@ -164,6 +165,7 @@ def test_bad_plans_and_misuse_are_refused():
         fxcompress.compress(planned, (X,), criterion="bn")
 
 
+@pytest.mark.slow
 def test_zeroed_and_removed_channels_of_one_group_use_the_original_indices():
     """Regression: remove_channels ran before zero_channels, which then indexed the shrunk BatchNorm with the
     original indices (PassError: index 30 out of bounds; MobileNetV2's stem and first depthwise share a group)."""

@@ -2,6 +2,7 @@
 to the real architecture and compresses it to fewer weight layers, with the outputs of the planned model."""
 from pathlib import Path
 
+import pytest
 import torch
 
 import fxcompress
@@ -12,6 +13,7 @@ from fxcompress.models import pretrained_mobilenet_v2, with_classes
 DEMO_FILE = Path(__file__).parents[1] / "bench" / "results" / "prune" / "mobilenet_v2_demo.pt"
 
 
+@pytest.mark.slow
 def test_the_committed_demo_model_is_shallower_and_compresses_to_its_planned_outputs():
     saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)
     model = with_classes(pretrained_mobilenet_v2(), 10)

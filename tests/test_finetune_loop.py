@@ -139,6 +139,7 @@ def _steps_done(out):
         return 0
 
 
+@pytest.mark.slow
 def test_the_prune_command_writes_its_outputs(tmp_path):
     completed = _run(_prune_command(tmp_path / "run", "--steps", "1", "--max-batches", "2"))
     assert completed.returncode == 0, completed.stderr[-2000:]
