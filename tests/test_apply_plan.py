@@ -175,3 +175,15 @@ def test_zeroed_and_removed_channels_of_one_group_use_the_original_indices():
                  Decision("remove_channels", "features.1.conv.0.2:hardtanh", {"channels": [1, 5, 6]}),
                  Decision("linearize", "features.1.conv.0.2:hardtanh")))
     assert_equals_compress(model, plan)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_planned_model_keeps_its_edits():
+    """Dynamo traces the call-site edits: the depthprune backend compiles the planned model, not its base."""
+    model = trained_batchnorm(torchvision.models.resnet18())
+    planned = apply_plan(model, Plan.linearize(["layer1.0.relu:relu#1", "relu:relu"]), (X,)).eval()
+    compiled = torch.compile(planned, backend="depthprune", options={"lowering": "eager"})
+    with torch.no_grad():
+        expected = planned(X)
+        assert relative(compiled(X), expected) < 1e-5
+        assert relative(model(X), expected) > 1e-2
