@@ -6,10 +6,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
+from torch.utils.data import DataLoader
 
 import fxcompress
 from fxcompress import OptionError, Plan
@@ -17,7 +19,7 @@ from fxcompress.cli import main as cli_main
 from fxcompress.data import FASHION_MNIST_DIR, fashion_mnist_splits
 from fxcompress.finetune import plan_of
 from fxcompress.finetune.loop import prune
-from fxcompress.finetune.trainer import TrainConfig
+from fxcompress.finetune.trainer import TrainConfig, collate_fn, evaluate
 from fxcompress.models import with_classes
 
 from helpers import randomize_batchnorm
@@ -182,3 +184,14 @@ def test_the_prune_command_says_when_the_data_set_is_missing(tmp_path, capsys, m
     monkeypatch.setattr("fxcompress.data.FASHION_MNIST_DIR", tmp_path / "absent")
     assert cli_main(_prune_command(tmp_path / "run")[3:]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_the_built_in_trainer_takes_data_loaders_as_they_are():
+    splits = tiny_data()
+    loaders = SimpleNamespace(**{name: DataLoader(getattr(splits, name), batch_size=16, shuffle=name == "train",
+                                                  collate_fn=collate_fn(getattr(splits, name), train=False))
+                                 for name in ("train", "validation", "test")})
+    result = prune(small_cnn(), X16, method="easier", data=loaders, train_config=FEW, steps=1, max_drop=1.0,
+                   calibration_batches=1)
+    check_trajectory(result, 1)
+    assert result.trajectory.steps[1]["test"] == evaluate(result.model, splits.test).accuracy

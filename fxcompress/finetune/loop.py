@@ -18,6 +18,7 @@ rank 0 writes.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..api import compress
 from ..errors import OptionError, PassError, PlanError, finite_number
@@ -156,18 +158,17 @@ def _score(function: Callable, model: torch.nn.Module, name: str) -> float:
     return finite_number(f"the {name} callable's score (higher is better)", value)
 
 
+def _in_order(split, batch_size: int) -> DataLoader:
+    """A split's batches in order: a dataset's without augmentation, a DataLoader's as they come."""
+    if isinstance(split, DataLoader):
+        return split
+    return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate_fn(split, train=False))
+
+
 def _calibration(data, count: int, batch_size: int) -> tuple[list, tuple | None]:
     """The first `count` training batches (inputs only) and the first validation batch, fixed for the run."""
-    train_loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=False,
-                                               collate_fn=collate_fn(data.train, train=False))
-    batches = []
-    for images, _ in train_loader:
-        batches.append((images,))
-        if len(batches) == count:
-            break
-    validation_loader = torch.utils.data.DataLoader(data.validation, batch_size=batch_size, shuffle=False,
-                                                    collate_fn=collate_fn(data.validation, train=False))
-    return batches, tuple(next(iter(validation_loader)))
+    batches = [(images,) for images, _ in itertools.islice(_in_order(data.train, batch_size), count)]
+    return batches, tuple(next(iter(_in_order(data.validation, batch_size))))
 
 
 class _Loop:
@@ -359,8 +360,9 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
           out: str | Path | None = None, resume: bool = False, device: str = "cpu", progress: bool = True,
           **options) -> PruneResult:
     """Make `model` shallower with `method` ("easier", "tlc", "random", "control") by the fine-tuning loop
-    (module docstring). Options are the fields of `LoopConfig`. Give either `data` (train, validation and
-    test splits for the built-in trainer, configured by `train_config`) or `finetune` and `evaluate`
+    (module docstring). Options are the fields of `LoopConfig`. Give either `data` (an object with `train`,
+    `validation` and `test`: datasets, as `data.fashion_mnist_splits` returns, or DataLoaders, used as they
+    are, for the built-in trainer configured by `train_config`) or `finetune` and `evaluate`
     callables (then `calibration` batches for the entropy criterion). `progress` prints a line per step and
     shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
     modified."""

@@ -103,7 +103,7 @@ class Evaluation:
     samples: int
 
 
-def train(model: nn.Module, dataset: Dataset, config: TrainConfig, epochs: int, *, seed: int,
+def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, epochs: int, *, seed: int,
           device: str | torch.device = "cpu", find_unused_parameters: bool = False,
           teacher: nn.Module | None = None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
@@ -114,7 +114,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, epochs: int, 
     dataset by the default collate. Under a process group each rank trains on its DistributedSampler shard
     through DistributedDataParallel (with `find_unused_parameters`), and rank 0's buffers are copied to every
     rank at the end, so all ranks hold the same model. With `config.distill > 0`, `teacher` (run in eval mode,
-    without gradients) is distilled into the model.
+    without gradients) is distilled into the model. A DataLoader is used as it is (its batches, shuffling and
+    sampler: under a process group, give it a DistributedSampler); `config.batch_size` applies to datasets.
     """
     device = _resolve(device)
     amp_dtype = _amp_dtype(config.amp, device)
@@ -143,18 +144,21 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, epochs: int, 
     return {"epoch_losses": losses, "batches": total}
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
-             max_batches: int | None = None, progress: bool = False) -> Evaluation:
+def evaluate(model: nn.Module, dataset: Dataset | DataLoader, *, batch_size: int = 256,
+             device: str | torch.device = "cpu", max_batches: int | None = None, progress: bool = False) -> Evaluation:
     """Accuracy and mean cross-entropy of `model` on `dataset`, in eval mode under no_grad (the model's mode is
     restored after). Under a process group each rank evaluates the strided shard rank, rank + world, ... (no
     padding) and the sums are all-reduced, so every rank gets the same exact counts. `max_batches` caps the
-    batches of each rank."""
+    batches of each rank. A DataLoader is used as it is (under a process group it must shard the data)."""
     device = _resolve(device)
     _integer("batch_size", batch_size, minimum=1)
     if max_batches is not None:
         _integer("max_batches", max_batches, minimum=1)
-    shard = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn(dataset, train=False))
+    if isinstance(dataset, DataLoader):
+        loader = dataset
+    else:
+        shard = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+        loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn(dataset, train=False))
     was_training = model.training
     model.to(device).eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -239,7 +243,9 @@ def _train_epoch(runner: nn.Module, loader: DataLoader, per_epoch: int, step: _S
     return distributed.all_reduce_sum(total).item() / (per_epoch * distributed.world_size())
 
 
-def _train_loader(dataset: Dataset, config: TrainConfig, seed: int) -> DataLoader:
+def _train_loader(dataset: Dataset | DataLoader, config: TrainConfig, seed: int) -> DataLoader:
+    if isinstance(dataset, DataLoader):
+        return dataset
     generator = torch.Generator().manual_seed(seed)
     collate = collate_fn(dataset, train=True)
     if distributed.initialized():
