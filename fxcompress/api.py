@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .capture import capture, check_inputs
+from .capture import capture, check_inputs, is_planned
 from .compiler import compress_captured
 from .config import CompressConfig
 from .errors import CaptureError, OptionError
-from .finetune.planned import base_of, is_planned, plan_of
+from .finetune.planned import split_plan
 from .graph import annotate_names
 from .pipeline import activation_names as graph_activation_names
 from .plan import Plan
@@ -56,8 +56,7 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
         if criterion is not None:
             raise OptionError("a model made by apply_plan is compressed with its own plan; find further decisions "
                               "on it with apply_plan before compressing, not with a criterion here")
-        carried = plan_of(model)
-        plan, model = Plan(carried.decisions + plan.decisions, carried.model), base_of(model)
+        model, plan = split_plan(model, plan)
     example_inputs = check_inputs(model, example_inputs)
     check_max_error(max_error)
     planner_options = None

@@ -34,6 +34,11 @@ from .ops import bind
 EXPORT_LOCK = compile_lock  # dynamo's own (re-entrant) lock: exports wait for compilations and vice versa
 
 
+def is_planned(model) -> bool:
+    """Whether `model` was made by `finetune.apply_plan` (it carries its plan and edits its calls at run time)."""
+    return isinstance(model, torch.nn.Module) and "_fxcompress_plan" in model.__dict__
+
+
 def check_inputs(model, example_inputs) -> tuple:
     if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise CaptureError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
@@ -41,7 +46,7 @@ def check_inputs(model, example_inputs) -> tuple:
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise CaptureError("example_inputs must be a tensor or a non-empty tuple of inputs")
-    if isinstance(model, torch.nn.Module) and "_fxcompress_plan" in model.__dict__:
+    if is_planned(model):
         raise CaptureError(f"{type(model).__name__} was made by apply_plan and edits its calls at run time, which "
                            "export would trace wrongly: compress it with fxcompress.compress, which captures its "
                            "original class and applies its plan")

@@ -31,10 +31,10 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from ..blocks import ChannelGroup, channel_group, residual_block
-from ..capture import capture, check_inputs
+from ..capture import capture, check_inputs, is_planned
 from ..config import CompressConfig
 from ..errors import PlanError
-from ..graph import annotate_names, annotate_shapes, channel_axis, stable_name
+from ..graph import annotate_names, annotate_shapes, channel_axis, names_of_kind, stable_name
 from ..ops import _TABLE, bind
 from ..pipeline import check_plan, compress_graph
 from ..plan import Plan
@@ -165,10 +165,6 @@ def _planned_class(base: type) -> type:
     return _PLANNED_CLASSES[base]
 
 
-def is_planned(model) -> bool:
-    return isinstance(model, torch.nn.Module) and "_fxcompress_plan" in model.__dict__
-
-
 def plan_of(model: torch.nn.Module) -> Plan:
     """The plan a model made by `apply_plan` carries; an empty plan for any other model."""
     return model.__dict__.get("_fxcompress_plan", Plan())
@@ -184,6 +180,12 @@ def base_of(model: torch.nn.Module) -> torch.nn.Module:
     for attribute in ("_fxcompress_plan", "_fxcompress_edits"):
         del base.__dict__[attribute]
     return base
+
+
+def split_plan(model: torch.nn.Module, plan: Plan) -> tuple[torch.nn.Module, Plan]:
+    """`base_of(model)` and the plan it is to be compiled with: the model's own plan, then `plan`."""
+    base = base_of(model)
+    return base, Plan(plan_of(model).decisions + plan.decisions, plan_of(model).model or type(base).__name__)
 
 
 def _edits(gm: fx.GraphModule, plan: Plan) -> _Edits:
@@ -236,10 +238,9 @@ class _EvalMode:
 def _captured(model: torch.nn.Module, example_inputs, plan: Plan) -> fx.GraphModule:
     """The captured graph of `model` (a planned model: of its base), names and shapes annotated, with
     `fxcompress_plan`: the model's plan then `plan`, checked against it (PlanError)."""
-    base = base_of(model)
-    full = Plan(plan_of(model).decisions + plan.decisions, plan_of(model).model or type(base).__name__)
+    base, full = split_plan(model, plan)
     with _EvalMode(base), torch.no_grad():
-        gm = capture(base, check_inputs(base.eval(), example_inputs))
+        gm = capture(base, check_inputs(base, example_inputs))
     annotate_names(gm)
     annotate_shapes(gm, tuple(example_inputs))
     check_plan(gm, full)
@@ -275,8 +276,6 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs) 
 
 def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Refuse a planned copy whose call sites or eval-mode outputs differ from the graph with the plan."""
-    names = {kind: [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind == kind]
-             for kind in planned._fxcompress_edits.kinds}
     reference_gm, _ = compress_graph(copy.deepcopy(gm), example_inputs, CompressConfig(), gm.fxcompress_plan,
                                      exact_passes=())
     samples = sample_inputs(example_inputs)
@@ -288,7 +287,7 @@ def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple)
             with sites:
                 actual.append(output_tensors(type(planned).__mro__[1].forward(planned, *fresh(sample))))
             seen = sorted(sites.seen)
-    graph_sites = sorted(name for kind in names for name in names[kind])
+    graph_sites = sorted(names_of_kind(gm, *planned._fxcompress_edits.kinds))
     if seen != graph_sites:
         missing = sorted(set(graph_sites) - set(seen))[:3]
         raise PlanError(f"cannot apply the plan at call time: this model's calls do not match its graph's op names "
