@@ -102,9 +102,9 @@ class Method:
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         gm = planned_graph(model, inputs.example_inputs)
         candidates = self.candidates(gm, model, inputs)
-        if self.selection == "latency" and candidates:
-            return latency_choice(gm, candidates, count, inputs.example_inputs)
-        return self.take(gm, candidates, count, inputs.example_inputs)
+        chosen = latency_choice(gm, candidates, count, inputs.example_inputs) \
+            if self.selection == "latency" and candidates else []
+        return chosen or self.take(gm, candidates, count, inputs.example_inputs)
 
 
 class Easier(Method):
@@ -136,7 +136,9 @@ class Tlc(Method):
         found = [choice for node in gm.graph.nodes if meta.CHANNEL_STATES in node.meta
                  and (choice := _tlc_choice(gm, node)) is not None]
         if self.rank == "loss":
-            found = [Choice(c.target, c.decisions, _loss_gap(model, c, inputs)) for c in found]
+            current = _validation_loss(model, inputs)
+            found = [Choice(c.target, c.decisions, _validation_loss(
+                apply_plan(model, Plan(c.decisions), inputs.example_inputs), inputs) - current) for c in found]
         return sorted(found, key=lambda choice: choice.score)
 
 
@@ -158,17 +160,13 @@ def _tlc_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
     return Choice(stable_name(node), tuple(decisions), error if math.isfinite(error) else math.inf)
 
 
-def _loss_gap(model: torch.nn.Module, choice: Choice, inputs: StepInputs) -> float:
-    """Loss on the validation batch with `choice` applied minus the current model's, in eval mode."""
+def _validation_loss(model: torch.nn.Module, inputs: StepInputs) -> float:
+    """The model's loss on the validation batch, in eval mode (TLC ranks candidates by its increase)."""
     if inputs.validation_batch is None:
         raise OptionError("TLC's loss ranking needs a validation batch")
     *batch, labels = inputs.validation_batch
-
-    def loss(module):
-        with torch.no_grad():
-            return F.cross_entropy(module.eval()(*batch), labels).item()
-
-    return loss(apply_plan(model, Plan(choice.decisions), inputs.example_inputs)) - loss(model)
+    with torch.no_grad():
+        return F.cross_entropy(model.eval()(*batch), labels).item()
 
 
 class RandomOrder(Method):
@@ -218,8 +216,8 @@ def latency_choice(gm: fx.GraphModule, candidates: list[Choice], count: int, exa
                    limit: int = JOINT_LIMIT) -> list[Choice]:
     """The lowest-scored candidates, single or joint, that make the compressed graph cheaper: of the `limit`
     best-scored singles and every pair, those whose merges cut MACs (`compress_graph` with the exact passes and
-    the cost model), best score first (a pair's score is the sum of its two), up to `count` activations; the
-    criterion's order where none does."""
+    the cost model), best score first (a pair's score is the sum of its two), up to `count` activations; none
+    where none does (`Method.choose` then takes the criterion's order)."""
     pool = sorted(candidates[:limit] + joint_candidates(gm, candidates), key=lambda choice: choice.score)
     base = _macs(gm, Plan(), example_inputs)
     saving = [choice for choice in pool if (macs := _macs(gm, Plan(choice.decisions), example_inputs)) is not None
@@ -232,7 +230,7 @@ def latency_choice(gm: fx.GraphModule, candidates: list[Choice], count: int, exa
             continue
         chosen.append(choice)
         targets |= names
-    return chosen or candidates[:count]
+    return chosen
 
 
 def applicable(gm: fx.GraphModule, choices: list[Choice], example_inputs) -> bool:
