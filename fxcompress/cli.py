@@ -167,12 +167,10 @@ RUN_FILES = ("checkpoint.pt", "kept.pt", "trajectory.json", "plan.json", "model.
 
 
 def _prepare_run_folder(args) -> None:
-    """The run folder, refused where it holds anything and neither --resume nor --force is given; --force
-    deletes the files of an earlier run."""
+    """Refuse a run folder that is not writable, or that holds anything while neither --resume nor --force is
+    given; --force deletes the files of an earlier run."""
     out = Path(args.out)
-    _check_output_folder("--out", out)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {out} is a file, not a folder")
+    _check_output_folder("--out", out)  # a file there is refused too
     held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     if args.resume and args.force:
         raise OptionError("give --resume or --force, not both")
