@@ -1,6 +1,7 @@
 """Real models that install offline: torchvision architectures and the pretrained MobileNetV2."""
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -46,8 +47,9 @@ def torchvision_model(name: str) -> torch.nn.Module:
 
 
 def with_classes(model: torch.nn.Module, classes: int, seed: int = 0) -> torch.nn.Module:
-    """`model` with its last nn.Linear replaced by a freshly initialised one of `classes` outputs (seeded), in
-    place, where it has another number of outputs; an ExportedProgram or a model without one is refused."""
+    """A copy of `model` whose last nn.Linear is replaced by a freshly initialised one of `classes` outputs
+    (seeded) where it has another number of outputs (else `model` itself); an ExportedProgram or a model
+    without one is refused. The caller's model is not modified."""
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)] \
         if isinstance(model, torch.nn.Module) else []
     if not linears:
@@ -55,6 +57,7 @@ def with_classes(model: torch.nn.Module, classes: int, seed: int = 0) -> torch.n
     name, last = linears[-1]
     if last.out_features == classes:
         return model
+    model = copy.deepcopy(model)
     parent = model.get_submodule(name.rpartition(".")[0])
     with torch.random.fork_rng():
         torch.manual_seed(seed)

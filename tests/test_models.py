@@ -49,3 +49,14 @@ def test_depthprune_backend_keeps_outputs(name, example):
     folds = [r for report in reports for r in report.rewrites if r.pass_name == "fold_batchnorm"]
     assert len(folds) == BATCHNORMS[name]
     assert_state_unchanged(before, model)
+
+
+def test_with_classes_replaces_the_head_of_a_copy_seeded():
+    import torchvision
+    from fxcompress.models import with_classes
+    model = torchvision.models.mobilenet_v2()
+    first, second = with_classes(model, 10), with_classes(model, 10)
+    assert model.classifier[1].out_features == 1000 and first.classifier[1].out_features == 10
+    assert torch.equal(first.classifier[1].weight, second.classifier[1].weight)
+    assert torch.equal(first.features[0][0].weight, model.features[0][0].weight)
+    assert with_classes(first, 10) is first
