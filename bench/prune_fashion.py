@@ -38,6 +38,10 @@ DATA = {"validation": 2000, "train_samples": 3000, "test_samples": 5000, "batch_
 DENSE = {"mobilenet_v2": {"epochs": 2, "train_samples": 12000, "lr": 0.01},
          "resnet18": {"epochs": 4, "train_samples": 12000, "lr": 0.05}}
 LOOP = {"mobilenet_v2": {"per_step": 2, "steps": 17}, "resnet18": {"per_step": 1, "steps": 16}}
+LACOOT_EPOCHS = 2  # training with (or without) LaCoOT's regulariser before removing blocks
+LACOOT_WEIGHT = {"mobilenet_v2": 9.0, "resnet18": 5.0}  # the published lambdas
+BLOCKS = {"mobilenet_v2": 10, "resnet18": 5}  # residual blocks with an identity shortcut
+PRUNE_ROUNDS = 7  # 50 % per round: 99.2 % of the pruned layers' weights after 7
 CONTROL_STEPS = 10  # the control fine-tunes as long as a method's run usually lasts
 MAX_DROP_CURVE = 0.03  # the methods' runs go on past 1 point, so that the plots show where accuracy falls; the
 # table reports their last step within 1 point
@@ -56,6 +60,14 @@ RUNS_OF = {
                           "max_drop": 0.01},
     "easier-latency-kd-val5k": {"method": "easier", "selection": "latency", "epochs": 3, "distill": 0.7,
                                 "max_drop": 0.01, "validation": 5000},
+    # LaCoOT: train with the regulariser (lambda > 0) or without (the baseline), then remove blocks one per step,
+    # smallest distance first, without fine-tuning; to the end, so that the curves show where accuracy falls
+    "lacoot": {"method": "lacoot", "dense_epochs": LACOOT_EPOCHS, "epochs": 0, "max_drop": 1.0, "per_step": 1},
+    "lacoot-0": {"method": "lacoot", "lacoot_weight": 0.0, "dense_epochs": LACOOT_EPOCHS, "epochs": 0,
+                 "max_drop": 1.0, "per_step": 1},
+    # unstructured pruning rounds of 50 % of the remaining weights: EGP's split against global magnitude
+    "egp": {"method": "egp", "steps": PRUNE_ROUNDS, "max_drop": 1.0, "per_step": 1},
+    "magnitude": {"method": "magnitude", "steps": PRUNE_ROUNDS, "max_drop": 1.0, "per_step": 1},
 }
 METHODS = tuple(RUNS_OF)
 
@@ -111,11 +123,14 @@ def run(name: str, method: str) -> None:
     folder = RUNS / name / method
     loop = LOOP[name]
     settings = RUNS_OF[method]
+    steps = BLOCKS[name] if settings["method"] == "lacoot" else settings.get("steps", loop["steps"])
     command = [sys.executable, "-m", "fxcompress.cli", "prune", f"bench.prune_fashion:{name}",
                "--method", settings["method"], "--selection", settings.get("selection", "criterion"),
                "--epochs-per-step", str(settings.get("epochs", 1)), "--distill", str(settings.get("distill", 0)),
-               "--max-drop", str(settings.get("max_drop", MAX_DROP_CURVE)),
-               "--steps", str(settings.get("steps", loop["steps"])), "--per-step", str(loop["per_step"]),
+               "--max-drop", str(settings.get("max_drop", MAX_DROP_CURVE)), "--steps", str(steps),
+               "--per-step", str(settings.get("per_step", loop["per_step"])),
+               "--dense-epochs", str(settings.get("dense_epochs", 0)),
+               "--lacoot-weight", str(settings.get("lacoot_weight", LACOOT_WEIGHT[name])),
                "--size", str(SIZE), "--out", str(folder), "--train-samples", str(DATA["train_samples"]),
                "--validation-samples", str(settings.get("validation", DATA["validation"])),
                "--test-samples", str(DATA["test_samples"]), "--batch-size", str(DATA["batch_size"]),

@@ -21,6 +21,7 @@ into constants of a copy of the graph. The backend checks at each call that the 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx
@@ -108,7 +109,9 @@ def export_program(model: torch.nn.Module, example_inputs, dynamic_batch: bool =
                    ) -> torch.export.ExportedProgram:
     """torch.export of `model` (the module itself: callers pass a private copy) under the export lock."""
     example_inputs, dynamic_shapes = export_arguments(example_inputs, dynamic_batch)
-    with EXPORT_LOCK:
+    with EXPORT_LOCK, warnings.catch_warnings():
+        # a pruned weight (torch.nn.utils.prune) is a plain attribute its forward pre-hook assigns: expected here
+        warnings.filterwarnings("ignore", "The tensor attributes? .* (was|were) assigned during export")
         return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
 
 

@@ -188,6 +188,7 @@ def prune_command(args) -> int:
     from .data import fashion_mnist_splits
     from .finetune import distributed
     from .finetune.loop import prune
+    from .finetune.sparsity import plain_state_dict
     from .finetune.trainer import TrainConfig
     from .models import with_classes
 
@@ -204,7 +205,7 @@ def prune_command(args) -> int:
     out = Path(args.out)
     train_config = TrainConfig(optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                                label_smoothing=args.label_smoothing, distill=args.distill,
-                               batch_size=args.batch_size,
+                               temperature=args.temperature, batch_size=args.batch_size,
                                max_batches=args.max_batches, progress=distributed.is_main())
     data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
                                 test_samples=args.test_samples, seed=args.seed, flip=True)
@@ -215,15 +216,18 @@ def prune_command(args) -> int:
                    per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
                    latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
-                   selection=args.selection, tlc_rank=args.tlc_rank, seed=args.seed)
+                   selection=args.selection, tlc_rank=args.tlc_rank, prune_rate=args.prune_rate,
+                   dsd2_pruning=args.dsd2_pruning, lacoot_weight=args.lacoot_weight, projections=args.projections,
+                   seed=args.seed)
     if distributed.is_main():
         compressed = compress(result.model, example)
         artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32")
         result.plan.save(out / "plan.json")
-        torch.save(result.model.state_dict(), out / "model.pt")
+        torch.save(plain_state_dict(result.model), out / "model.pt")
         kept = result.trajectory.steps[result.trajectory.kept]
         print(f"stopped: {result.trajectory.stopped}; kept step {kept['step']}: "
-              f"{kept['activations_linearised']} activations linearised, weight layers "
+              f"{kept['activations_linearised']} activations linearised, {kept['blocks_removed']} blocks removed, "
+              f"sparsity {kept['sparsity']:.3f}, weight layers "
               f"{kept['dense_weight_layers']} -> {kept['weight_layers']}, validation {kept['validation']:.4f}, "
               f"test {kept['test']:.4f}")
         print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {out / 'model.pt'}, {artifact}")
@@ -244,6 +248,14 @@ def _checked(text: str, convert, accept, expected: str):
 
 def _positive_int(text: str) -> int:
     return _checked(text, int, lambda value: value >= 1, "an integer >= 1")
+
+
+def _non_negative_int(text: str) -> int:
+    return _checked(text, int, lambda value: value >= 0, "an integer >= 0")
+
+
+def _non_negative(text: str) -> float:
+    return _checked(text, float, lambda value: 0 <= value < float("inf"), "a number >= 0")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -312,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prune_parser(commands) -> None:
-    from .finetune.methods import METHODS, SELECTIONS, TLC_RANKS
+    from .finetune.methods import METHODS, PRUNING_SPLITS, SELECTIONS, TLC_RANKS
     from .finetune.trainer import OPTIMIZERS, SCHEDULES
 
     sub = commands.add_parser("prune", help="make a model shallower by a method's fine-tuning loop")
@@ -328,8 +340,9 @@ def _prune_parser(commands) -> None:
                      help="largest validation accuracy drop from the dense model (0.01 = 1 point)")
     sub.add_argument("--steps", type=_positive_int, help="at most this many steps")
     sub.add_argument("--per-step", type=_positive_int, default=1, help="activations chosen per step")
-    sub.add_argument("--epochs-per-step", type=_positive_int, default=1)
-    sub.add_argument("--dense-epochs", type=int, default=0, help="train the dense model first (new data)")
+    sub.add_argument("--epochs-per-step", type=_non_negative_int, default=1, help="fine-tuning after each step")
+    sub.add_argument("--dense-epochs", type=_non_negative_int, default=0,
+                     help="train the dense model first (new data; LaCoOT: with its regulariser)")
     sub.add_argument("--activations", type=_positive_int, help="budget: activations linearised")
     sub.add_argument("--macs-ratio", type=_fraction, help="budget: compressed / dense MACs")
     sub.add_argument("--latency-ratio", type=_fraction, help="budget: compressed / dense latency on --lowering")
@@ -337,6 +350,12 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--lowering", choices=["onnxruntime", "inductor", "eager"], default="onnxruntime")
     sub.add_argument("--selection", choices=list(SELECTIONS), default="criterion")
     sub.add_argument("--tlc-rank", choices=list(TLC_RANKS), default="error")
+    sub.add_argument("--prune-rate", type=_fraction,
+                     help="egp, magnitude, dsd2: fraction of the unpruned weights pruned per step (0.5; dsd2 0.2)")
+    sub.add_argument("--dsd2-pruning", choices=list(PRUNING_SPLITS), default="magnitude")
+    sub.add_argument("--lacoot-weight", type=_non_negative, default=9.0,
+                     help="LaCoOT's lambda (0: plain training, the baseline)")
+    sub.add_argument("--projections", type=_positive_int, default=50, help="LaCoOT's max-sliced projections")
     sub.add_argument("--train-samples", type=_positive_int, help="cap on the training split (per epoch)")
     sub.add_argument("--validation-samples", type=_positive_int, default=2000)
     sub.add_argument("--test-samples", type=_positive_int, help="cap on the test split (default: all 10k)")
@@ -345,7 +364,9 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--lr", type=float, default=0.01)
     sub.add_argument("--label-smoothing", type=_fraction, default=0.0)
     sub.add_argument("--distill", type=_fraction, default=0.0,
-                     help="weight of knowledge distillation from the dense model (not in the papers)")
+                     help="weight of knowledge distillation from the dense model (dsd2: 0.8 unless set)")
+    sub.add_argument("--temperature", type=float, default=4.0, help="of the distillation (dsd2: 10 unless "
+                     "--distill is set)")
     sub.add_argument("--batch-size", type=_positive_int, default=64)
     sub.add_argument("--max-batches", type=_positive_int, help="cap on batches per epoch (smoke runs)")
     sub.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ rank 0 writes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -37,6 +38,7 @@ from ..plan import Decision, Plan
 from . import distributed
 from .methods import StepInputs, make_method
 from .planned import apply_plan, base_of, plan_of
+from .sparsity import masks_of, plain_state_dict, set_masks, weight_sparsity
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
 
 
@@ -55,17 +57,24 @@ class LoopConfig:
     measure_latency: bool = False  # record latency ratios every step (always with a latency_ratio budget)
     selection: str = "criterion"
     tlc_rank: str = "error"
+    prune_rate: float | None = None  # pruning methods: fraction of the unpruned weights per round (None: theirs)
+    dsd2_pruning: str = "magnitude"  # DSD²'s pruning: "magnitude" or "egp"
+    lacoot_weight: float = 9.0  # LaCoOT's lambda (0: plain training, the baseline)
+    projections: int = 50  # LaCoOT's max-sliced Wasserstein projections
     calibration_batches: int = 4
     seed: int = 0
 
     def __post_init__(self):
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
             raise OptionError(f"steps must be an int >= 0, got {self.steps!r}")
-        for name in ("per_step", "epochs_per_step", "calibration_batches"):
+        for name in ("per_step", "calibration_batches", "projections"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.dense_epochs, int) or self.dense_epochs < 0:
-            raise OptionError(f"dense_epochs must be an int >= 0, got {self.dense_epochs!r}")
+        for name in ("epochs_per_step", "dense_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise OptionError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if finite_number("lacoot_weight", self.lacoot_weight) < 0:
+            raise OptionError(f"lacoot_weight must be >= 0, got {self.lacoot_weight!r}")
         if not 0 <= finite_number("max_drop", self.max_drop) <= 1:
             raise OptionError(f"max_drop must be in [0, 1], got {self.max_drop!r}")
         if self.activations is not None and (not isinstance(self.activations, int) or self.activations < 1):
@@ -74,8 +83,15 @@ class LoopConfig:
             value = getattr(self, name)
             if value is not None and not 0 < finite_number(f"budget '{name}'", value) <= 1:
                 raise OptionError(f"budget '{name}' must be in (0, 1], got {value!r}")
-        options = {"rank": self.tlc_rank} if self.method == "tlc" else {}
-        make_method(self.method, self.selection, **options)
+        self.make_method()
+
+    def make_method(self):
+        options = {"tlc": {"rank": self.tlc_rank},
+                   "lacoot": {"weight": self.lacoot_weight, "projections": self.projections},
+                   "dsd2": {"pruning": self.dsd2_pruning}}.get(self.method, {})
+        if self.method in ("egp", "magnitude", "dsd2"):
+            options["rate"] = self.prune_rate
+        return make_method(self.method, self.selection, **options)
 
     @property
     def latency(self) -> bool:
@@ -108,6 +124,13 @@ def _decisions(choices: list) -> tuple[Decision, ...]:
     return tuple(decision for choice in choices for decision in choice.decisions)
 
 
+def _masked(model: torch.nn.Module, choices: list) -> torch.nn.Module:
+    """`model` with the weight masks of `choices` (pruning methods) set."""
+    for choice in choices:
+        set_masks(model, choice.masks or {})
+    return model
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -121,10 +144,10 @@ class _BuiltIn:
         self.data, self.config, self.device = data, config, device
         self.teacher = None  # the dense model, distilled where config.distill > 0
 
-    def finetune(self, model: torch.nn.Module, epochs: int, seed: int) -> None:
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None) -> None:
         train(model, self.data.train, self.config, epochs, seed=seed, device=self.device,
               find_unused_parameters=bool(plan_of(model).targets("remove_block")),
-              teacher=self.teacher if self.config.distill else None)
+              teacher=self.teacher if self.config.distill else None, regulariser=regulariser)
 
     def validation(self, model: torch.nn.Module) -> float:
         return evaluate_on(model, self.data.validation, device=self.device).accuracy
@@ -138,7 +161,7 @@ class _Callables:
         self.finetune_fn, self.evaluate_fn, self.test_fn = finetune, evaluate, test
         self.teacher = None
 
-    def finetune(self, model: torch.nn.Module, epochs: int, seed: int) -> None:
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None) -> None:
         torch.manual_seed(seed)
         for _ in range(epochs):
             self.finetune_fn(model.train())
@@ -176,9 +199,9 @@ class _Loop:
                  validation_batch, out: Path | None, progress: bool):
         self.example_inputs, self.config, self.runner, self.out = example_inputs, config, runner, out
         self.calibration, self.validation_batch, self.progress = calibration, validation_batch, progress
-        options = {"rank": config.tlc_rank} if config.method == "tlc" else {}
-        self.method = make_method(config.method, config.selection, **options)
+        self.method = config.make_method()
         self.model = apply_plan(model, Plan(), example_inputs)
+        self.template = copy.deepcopy(base_of(self.model))  # unpruned: checkpoints load into copies of it
         self.trajectory = Trajectory(asdict(config))
         self.dense = None  # the dense model (eval), for latency
         self.kept_model = None
@@ -190,12 +213,14 @@ class _Loop:
     def save(self, within: bool) -> None:
         if self.out is None or not distributed.is_main():
             return
-        state = {"plan": plan_of(self.model).to_dict(), "state_dict": base_of(self.model).state_dict(),
+        base = base_of(self.model)
+        state = {"plan": plan_of(self.model).to_dict(), "state_dict": plain_state_dict(base), "masks": masks_of(base),
                  "trajectory": self.trajectory.to_dict(), "dense_state_dict": self.dense.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
         _atomic(self.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
         if within:
-            kept = {"step": self.trajectory.steps[-1]["step"], "plan": state["plan"], "state_dict": state["state_dict"]}
+            kept = {key: state[key] for key in ("plan", "state_dict", "masks")}
+            kept["step"] = self.trajectory.steps[-1]["step"]
             _atomic(self.out / "kept.pt", lambda tmp: torch.save(kept, tmp))
         self.trajectory.save(self.out / "trajectory.json")
 
@@ -209,24 +234,29 @@ class _Loop:
         if changed:
             raise OptionError(f"{self.out} holds a run with other settings ({', '.join(changed)}); "
                               "use another folder or start over with force")
-        self.dense = copy.deepcopy(base_of(self.model))
+        self.dense = copy.deepcopy(self.template)
         self.dense.load_state_dict(state["dense_state_dict"])
         self.runner.teacher = self.dense.eval()
-        self.model = self._load(state["plan"], state["state_dict"])
+        self.model = self._load(state)
         self.trajectory = Trajectory(**state["trajectory"])
         self.trajectory.settings = asdict(self.config)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 
-    def _load(self, plan: dict, state_dict: dict) -> torch.nn.Module:
-        base = copy.deepcopy(base_of(self.model))
-        base.load_state_dict(state_dict)
-        return apply_plan(base.eval(), Plan.from_dict(plan), self.example_inputs)
+    def _load(self, state: dict) -> torch.nn.Module:
+        """The planned, pruned model of a checkpoint (`save`'s plan, plain state_dict and masks)."""
+        base = copy.deepcopy(self.template)
+        base.load_state_dict(state["state_dict"])
+        set_masks(base, state["masks"])
+        return apply_plan(base.eval(), Plan.from_dict(state["plan"]), self.example_inputs)
+
+    def finetune(self, epochs: int, seed: int) -> None:
+        if epochs:
+            self.runner.finetune(self.model, epochs, seed, self.method.regulariser(self.model, self.example_inputs))
 
     def dense_step(self) -> None:
         started = time.time()
-        if self.config.dense_epochs:
-            self.runner.finetune(self.model, self.config.dense_epochs, self.config.seed)
+        self.finetune(self.config.dense_epochs, self.config.seed)
         self.dense = copy.deepcopy(base_of(self.model)).eval()
         self.runner.teacher = self.dense
         self.record(0, [], started)
@@ -261,6 +291,7 @@ class _Loop:
         before = self.dense_report.before
         after = result.report.after
         metrics = {"activations_linearised": len(plan_of(model).targets("linearize")),
+                   "blocks_removed": len(plan_of(model).targets("remove_block")), "sparsity": weight_sparsity(model),
                    "activations": after.activations, "weight_layers": after.weight_layers, "depth": after.depth,
                    "params": after.params, "macs": after.macs, "macs_ratio": after.macs / before.macs,
                    "dense_weight_layers": before.weight_layers}
@@ -295,7 +326,7 @@ class _Loop:
         which a later choice zeroes channels)."""
         model = self.model.eval()
         try:
-            return apply_plan(model, Plan(_decisions(choices)), self.example_inputs), choices
+            return _masked(apply_plan(model, Plan(_decisions(choices)), self.example_inputs), choices), choices
         except (PlanError, PassError):
             if len(choices) == 1:
                 raise
@@ -306,7 +337,7 @@ class _Loop:
             except (PlanError, PassError):
                 continue
             applied.append(choice)
-        return candidate if applied else model, applied
+        return _masked(candidate if applied else model, applied), applied
 
     def run(self) -> Trajectory:
         steps = self.trajectory.steps
@@ -327,7 +358,7 @@ class _Loop:
                 stop = "none of the chosen decisions can be applied"
                 break
             self.model, choices = model, applied
-            self.runner.finetune(self.model, self.config.epochs_per_step, self.config.seed * 1000 + step)
+            self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step)
             self.record(step, choices, started)
         self.trajectory.stopped = stop
         self.save(False)
@@ -348,7 +379,7 @@ class _Loop:
         if self.trajectory.steps[-1]["step"] == kept:
             model = self.model
         elif self.out is not None and (state := self._checkpoint(self.out / "kept.pt")) is not None:
-            model = self._load(state["plan"], state["state_dict"])
+            model = self._load(state)
         else:
             model = self.kept_model
         return PruneResult(model.eval(), plan_of(model), self.trajectory)
@@ -359,8 +390,9 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
           evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
           out: str | Path | None = None, resume: bool = False, device: str = "cpu", progress: bool = True,
           **options) -> PruneResult:
-    """Make `model` shallower with `method` ("easier", "tlc", "random", "control") by the fine-tuning loop
-    (module docstring). Options are the fields of `LoopConfig`. Give either `data` (an object with `train`,
+    """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
+    "dsd2", "random", "control") by the fine-tuning loop (module docstring). DSD² distils with its alpha and T
+    unless `train_config` sets its own distillation. Options are the fields of `LoopConfig`. Give either `data` (an object with `train`,
     `validation` and `test`: datasets, as `data.fashion_mnist_splits` returns, or DataLoaders, used as they
     are, for the built-in trainer configured by `train_config`) or `finetune` and `evaluate`
     callables (then `calibration` batches for the entropy criterion). `progress` prints a line per step and
@@ -369,8 +401,15 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
     config = LoopConfig(method=method, **options)
     if (data is None) == (finetune is None or evaluate is None):
         raise OptionError("give either data= (for the built-in trainer) or finetune= and evaluate= callables")
+    chosen = config.make_method()
+    if data is None and chosen.needs_trainer:
+        raise OptionError(f"method {method!r} trains with its own loss (distillation or a regulariser): it needs "
+                          "the built-in trainer (data=), not finetune= callables")
     if data is not None:
         train_config = train_config or TrainConfig()
+        if chosen.distillation and not train_config.distill:
+            weight, temperature = chosen.distillation
+            train_config = dataclasses.replace(train_config, distill=weight, temperature=temperature)
         runner = _BuiltIn(data, train_config, device)
         calibration, validation_batch = _calibration(data, config.calibration_batches, train_config.batch_size)
     else:

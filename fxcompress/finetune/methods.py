@@ -13,6 +13,12 @@ activations already linearised are gone from it) and returns the decisions of th
   validation batch when the candidate alone is applied (`rank="loss"`, one `apply_plan` per candidate).
 - "random": `count` remaining activations in a seeded random order (a baseline).
 - "control": nothing: the loop only fine-tunes (extra training alone improves a model).
+- "egp" (EGP/NEPENTHE), "magnitude" and "dsd2": a round of unstructured pruning per step (`sparsity`): `rate` of
+  the unpruned weights of the layers that feed an activation, split by EGP's entropy-guided budget ("egp") or
+  globally by magnitude ("magnitude", the baseline). First, every activation of zero entropy on the calibration
+  batches (each channel always on or always off: what pruning drives layers to) collapses: it is linearised and
+  its always-off channels removed or zeroed (`collapse_choice`). "dsd2" (DSD²) prunes by magnitude (or EGP's
+  split) 20 % per round and has the loop distil the dense model into the pruned one (alpha 0.8, T 10).
 
 `selection="criterion"` takes the candidates in the criterion's order (the papers). `selection="latency"` also
 forms joint candidates, pairs of activations that follow each other in a chain (the two of an inverted
@@ -43,6 +49,8 @@ from ..plan import Decision, Plan
 from ..planner import layer_error, off_decision, regions_refusal
 from ..pipeline import compress_graph
 from .planned import apply_plan, planned_graph
+from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
+                       layer_magnitude_masks, layer_modules)
 
 TLC_RANKS = ("error", "loss")
 SELECTIONS = ("criterion", "latency")
@@ -54,6 +62,7 @@ class Choice:
     target: str  # the activation chosen
     decisions: tuple[Decision, ...]
     score: float  # the criterion's score (lower goes first); nan for random
+    masks: dict | None = None  # weight masks by module path (pruning methods), applied with the decisions
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Method:
     with `selection="latency"`, the best that make the compressed model cheaper (`latency_choice`)."""
 
     name = ""
+    distillation: tuple[float, float] | None = None  # (weight, temperature) the loop distils with (DSD²)
 
     def __init__(self, selection: str = "criterion"):
         if selection not in SELECTIONS:
@@ -105,6 +115,15 @@ class Method:
         chosen = latency_choice(gm, candidates, count, inputs.example_inputs) \
             if self.selection == "latency" and candidates else []
         return chosen or self.take(gm, candidates, count, inputs.example_inputs)
+
+    @property
+    def needs_trainer(self) -> bool:
+        """Whether the method trains with its own loss, which only the built-in trainer computes."""
+        return self.distillation is not None
+
+    def regulariser(self, model: torch.nn.Module, example_inputs):
+        """The training regulariser the loop trains with (`trainer.train(regulariser=)`); None: plain loss."""
+        return None
 
 
 class Easier(Method):
@@ -185,6 +204,90 @@ class Control(Method):
         return []
 
 
+class Pruning(Method):
+    """One round of unstructured pruning per step, after collapsing the activations of zero entropy."""
+
+    split = "magnitude"
+    default_rate = 0.5  # of the unpruned weights per round (EGP; the baseline uses the same schedule)
+
+    def __init__(self, selection: str = "criterion", rate: float | None = None):
+        super().__init__(selection)
+        self.rate = self.default_rate if rate is None else rate
+        if not 0 < self.rate < 1:
+            raise OptionError(f"prune rate must be in (0, 1), got {self.rate!r}")
+
+    def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
+        if not inputs.calibration:
+            raise OptionError(f"method {self.name!r} needs calibration batches (entropy)")
+        gm = planned_graph(model, inputs.example_inputs)
+        _analyse(gm, ("annotate_entropy",), inputs)
+        activations = [node for node in gm.graph.nodes if meta.ACTIVATION_STATS in node.meta]
+        collapsible = [choice for node in activations if (choice := collapse_choice(gm, node)) is not None]
+        collapsed = Method.take(self, gm, collapsible, len(collapsible), inputs.example_inputs)
+        done = {choice.target for choice in collapsed}
+        entropy = {}  # module path -> the entropy of the (first) activation it feeds
+        for node in activations:
+            if stable_name(node) not in done:
+                for path in layer_modules(model, feeding_layers(node)):
+                    entropy.setdefault(path, node.meta[meta.ACTIVATION_STATS].layer_entropy_egp)
+        if not entropy:
+            return collapsed
+        masks = self.masks(model, entropy)
+        return collapsed + [Choice(f"prune {self.rate:g} ({self.split})", (), math.nan, masks)]
+
+    def masks(self, model: torch.nn.Module, entropy: dict[str, float]) -> dict:
+        if self.split == "magnitude":
+            return global_magnitude_masks(model, list(entropy), self.rate)
+        scores, unpruned = {}, {}
+        for path, layer_entropy in entropy.items():
+            module = model.get_submodule(path)
+            alive = effective_weight(module)[current_mask(module)]
+            if layer_entropy > 0 and alive.numel():
+                scores[path], unpruned[path] = layer_entropy * alive.abs().mean().item(), alive.numel()
+        amounts = egp_amounts(scores, unpruned, self.rate) if scores else {}
+        return layer_magnitude_masks(model, {path: int(amount) for path, amount in amounts.items()})
+
+
+class Egp(Pruning):
+    name = "egp"
+    split = "egp"
+
+
+class Magnitude(Pruning):
+    name = "magnitude"
+
+
+class Dsd2(Pruning):
+    name = "dsd2"
+    default_rate = 0.2
+    distillation = (0.8, 10.0)
+
+    def __init__(self, selection: str = "criterion", rate: float | None = None, pruning: str = "magnitude"):
+        super().__init__(selection, rate)
+        if pruning not in PRUNING_SPLITS:
+            raise OptionError(f"DSD2 pruning must be one of {', '.join(PRUNING_SPLITS)}, got {pruning!r}")
+        self.split = pruning
+
+
+def collapse_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
+    """Linearise an activation whose channels are each always on or always off on the calibration batches (zero
+    entropy), its off channels removed or zeroed: exact on those batches. None where its entropy is not zero or
+    the off channels can be neither removed nor zeroed. The upper kink of a ReLU6 is not checked."""
+    stats = node.meta[meta.ACTIVATION_STATS]
+    if stats.entropy.max() > 0:
+        return None
+    off = [channel for channel, p_on in enumerate(stats.p_on.tolist()) if p_on == 0]
+    if regions_refusal(node, off) is not None:
+        return None
+    decisions = [Decision("linearize", stable_name(node))]
+    if off:
+        decision = off_decision(gm, node, off, max_error=1.0)
+        if isinstance(decision, str):
+            return None
+        decisions.insert(0, decision)
+    return Choice(stable_name(node), tuple(decisions), 0.0)
+
+
 def next_activation(node: fx.Node) -> fx.Node | None:
     """The activation that `node`'s output reaches through a chain of single-user ops none of which is an
     activation (convs, BatchNorms, adds, ...), or None."""
@@ -259,7 +362,9 @@ def _macs(gm: fx.GraphModule, plan: Plan, example_inputs) -> int | None:
     return report.after.macs
 
 
-METHODS = {"easier": Easier, "tlc": Tlc, "random": RandomOrder, "control": Control}
+PRUNING_SPLITS = ("magnitude", "egp")
+METHODS = {"easier": Easier, "tlc": Tlc, "random": RandomOrder, "control": Control, "egp": Egp,
+           "magnitude": Magnitude, "dsd2": Dsd2}
 
 
 def make_method(name: str, selection: str = "criterion", **options) -> Method:

@@ -31,7 +31,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from ..blocks import ChannelGroup, channel_group, residual_block
-from ..capture import capture, check_inputs, is_planned
+from ..capture import capture, check_inputs, is_planned, private_copy
 from ..config import CompressConfig
 from ..errors import PlanError
 from ..graph import annotate_names, annotate_shapes, channel_axis, names_of_kind, stable_name
@@ -266,7 +266,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs) 
     gm = _captured(model, example_inputs, plan)
     full = gm.fxcompress_plan
     edits = _edits(gm, full)
-    planned = copy.deepcopy(base_of(model))
+    planned = private_copy(base_of(model))
     planned.__class__ = _planned_class(type(planned))
     planned.__dict__["_fxcompress_plan"] = full
     planned.__dict__["_fxcompress_edits"] = edits

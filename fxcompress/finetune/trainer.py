@@ -105,7 +105,7 @@ class Evaluation:
 
 def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, epochs: int, *, seed: int,
           device: str | torch.device = "cpu", find_unused_parameters: bool = False,
-          teacher: nn.Module | None = None) -> dict:
+          teacher: nn.Module | None = None, regulariser=None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
     {"epoch_losses": mean training loss of each epoch (averaged over ranks), "batches": batches per rank}.
 
