@@ -110,10 +110,16 @@ def gaussian_states(mean: torch.Tensor, std: torch.Tensor, low: float, high: flo
 
 def block_distance(x: torch.Tensor, y: torch.Tensor, projections: int = 50, p: int = 2,
                    seed: int | None = 0) -> torch.Tensor:
-    """Max-sliced Wasserstein distance between the samples of x and y (each flattened); differentiable."""
+    """Max-sliced Wasserstein distance between the samples of x and y (each flattened); differentiable, with a
+    zero gradient where the distance is 0 (POT's p-th root would give 0 * inf = nan there). `seed` seeds POT's
+    own generator for the random projections (torch's global one is left alone); None draws them unseeded."""
     try:
         import ot
     except ImportError as error:
         raise MissingDependencyError("the block distance needs POT: pip install 'fxcompress[criteria]'") from error
-    return ot.max_sliced_wasserstein_distance(x.flatten(1), y.flatten(1), n_projections=projections, p=p,
-                                              seed=seed)
+    _, log = ot.max_sliced_wasserstein_distance(x.flatten(1), y.flatten(1), n_projections=projections, p=p,
+                                                seed=seed, log=True)
+    largest = log["projected_emds"].max()
+    nonzero = largest != 0  # nan and inf pass through
+    root = torch.where(nonzero, largest, torch.ones_like(largest)) ** (1.0 / p)
+    return torch.where(nonzero, root, torch.zeros_like(root))

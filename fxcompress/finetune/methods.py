@@ -11,6 +11,9 @@ activations already linearised are gone from it) and returns the decisions of th
   zeroed (`planner.off_decision`), and the activation is linearised. Ranked by the expected fraction of
   misjudged channels (`rank="error"`), or, as the published code does, by the loss increase on one
   validation batch when the candidate alone is applied (`rank="loss"`, one `apply_plan` per candidate).
+- "lacoot" (LaCoOT): residual blocks with an identity shortcut, smallest block distance on the calibration batches
+  first, each removed (`remove_block`); the loop trains with its regulariser (`lacoot.BlockDistanceRegulariser`,
+  weight 0: plain training, the baseline).
 - "random": `count` remaining activations in a seeded random order (a baseline).
 - "control": nothing: the loop only fine-tunes (extra training alone improves a model).
 - "egp" (EGP/NEPENTHE), "magnitude" and "dsd2": a round of unstructured pruning per step (`sparsity`): `rate` of
@@ -41,13 +44,14 @@ from .. import meta
 from ..config import CompressConfig
 from ..context import Calibration, PassContext
 from ..criteria import OFF
-from ..errors import OptionError, PassError, PlanError
+from ..errors import OptionError, PassError, PlanError, finite_number
 from ..graph import names_of_kind, real_users, stable_name
 from ..ops import bind
 from ..passes import ANALYSES
 from ..plan import Decision, Plan
 from ..planner import layer_error, off_decision, regions_refusal
 from ..pipeline import compress_graph
+from .lacoot import BlockDistanceRegulariser, measured_distances, monitored_blocks, planned_model
 from .planned import apply_plan, planned_graph
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
                        layer_magnitude_masks, layer_modules)
@@ -186,6 +190,43 @@ def _validation_loss(model: torch.nn.Module, inputs: StepInputs) -> float:
     *batch, labels = inputs.validation_batch
     with torch.no_grad():
         return F.cross_entropy(model.eval()(*batch), labels).item()
+
+
+class Lacoot(Method):
+    """LaCoOT's choices: the monitored blocks still present, smallest block distance first, each removed by
+    `remove_block`; the distances are measured on the step's calibration batches (`block_distances`).
+    `regulariser` gives the training penalty of weight `weight` (None at weight 0: plain training, the
+    baseline), with `projections` random projections."""
+
+    name = "lacoot"
+
+    def __init__(self, selection: str = "criterion", weight: float = 9.0, projections: int = 50):
+        super().__init__(selection)
+        if not finite_number("LaCoOT weight", weight) >= 0:
+            raise OptionError(f"LaCoOT weight must be >= 0, got {weight!r}")
+        if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
+            raise OptionError(f"LaCoOT projections must be an integer >= 1, got {projections!r}")
+        self.weight, self.projections = float(weight), projections
+
+    def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
+        if not inputs.calibration:
+            raise OptionError("method 'lacoot' needs calibration batches")
+        planned = planned_model(model, inputs.example_inputs)
+        distances = measured_distances(planned, monitored_blocks(gm), inputs.calibration, self.projections)
+        return [Choice(name, (Decision("remove_block", name),), distance)
+                for distance, name in sorted((distance, name) for name, distance in distances.items())]
+
+    @property
+    def needs_trainer(self) -> bool:
+        return self.weight > 0
+
+    def regulariser(self, model: torch.nn.Module, example_inputs) -> BlockDistanceRegulariser | None:
+        """The penalty for training the planned `model`; None at weight 0 or where no monitored block is left."""
+        if self.weight == 0:
+            return None
+        blocks = monitored_blocks(planned_graph(model, example_inputs))
+        return BlockDistanceRegulariser(model, example_inputs, self.weight, self.projections, blocks) \
+            if blocks else None
 
 
 class RandomOrder(Method):
@@ -363,7 +404,7 @@ def _macs(gm: fx.GraphModule, plan: Plan, example_inputs) -> int | None:
 
 
 PRUNING_SPLITS = ("magnitude", "egp")
-METHODS = {"easier": Easier, "tlc": Tlc, "random": RandomOrder, "control": Control, "egp": Egp,
+METHODS = {"easier": Easier, "tlc": Tlc, "lacoot": Lacoot, "random": RandomOrder, "control": Control, "egp": Egp,
            "magnitude": Magnitude, "dsd2": Dsd2}
 
 

@@ -12,6 +12,9 @@ the k-th such call in that module: `graph.annotate_names`) and edits the planned
   (what the structural removal computes; `compress` removes them);
 - remove_block: the residual add returns (a copy of) its shortcut; the body still runs, unused, so
   DistributedDataParallel needs `find_unused_parameters=True`.
+`recording(model, names)` records, while it is open, (name, shortcut operand, result) of the named residual adds
+at each forward, with their gradients (LaCoOT's regulariser reads block inputs and outputs this way, for any
+architecture, without module hooks).
 BatchNorm and dropout keep their train/eval behaviour, and every parameter stays an ordinary parameter.
 Each application is verified: in eval mode the planned copy must match the captured graph with the plan
 applied on seeded samples, and the call sites it saw must be the graph's. The copy carries its plan:
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import fx
@@ -66,6 +71,9 @@ class SiteEdit:
 class _Edits:
     sites: dict[str, SiteEdit] = field(default_factory=dict)
     kinds: frozenset[str] = frozenset()  # the op kinds whose call sites the plan edits
+    shortcuts: dict[str, int] = field(default_factory=dict)  # residual add -> the index of its shortcut operand
+    watched: frozenset[str] = frozenset()  # residual adds whose calls are recorded (`recording`)
+    recorded: list = field(default_factory=list)  # (add, shortcut operand, result) of the watched calls
 
     def at(self, name: str) -> SiteEdit:
         return self.sites.setdefault(name, SiteEdit())
@@ -92,7 +100,7 @@ class _CallSites(TorchFunctionMode):
         super().__init__()
         self.paths = {id(module): path for path, module in model.named_modules()}
         self.edits, self.stack, self.count, self.seen = edits, [], Counter(), []
-        self.handles = []
+        self.handles, self.watched_calls = [], set()
 
     def __enter__(self):
         self.handles = [register_module_forward_pre_hook(self._enter_module),
@@ -128,9 +136,27 @@ class _CallSites(TorchFunctionMode):
         if kind in self.edits.kinds:
             self.seen.append(site)
         edit = self.edits.sites.get(site)
+        if site in self.edits.watched:
+            return self._recorded_call(site, func, args, kwargs)
         if edit is None:
             return func(*args, **kwargs)
         return _edited_call(func, args, kwargs, edit)
+
+    def _recorded_call(self, site: str, func, args, kwargs):
+        """The add, computed as it is, with copies of its shortcut operand (taken before: an in-place add may
+        write into it) and of its result (a following in-place activation may overwrite it) recorded."""
+        shortcut = args[self.edits.shortcuts[site]].clone()
+        result = func(*args, **kwargs)
+        self.edits.recorded.append((site, shortcut, result.clone()))
+        self.watched_calls.add(site)
+        return result
+
+    def check_watched(self) -> None:
+        """Refuse a forward that did not call every watched add (its names are not this model's call sites)."""
+        missing = sorted(self.edits.watched - self.watched_calls)
+        if missing:
+            raise PlanError(f"recording: the watched residual adds {missing[:3]} were not called in the forward "
+                            "(this model's calls do not match its graph's op names)")
 
 
 def _edited_call(func, args, kwargs, edit: SiteEdit):
@@ -150,8 +176,10 @@ def _edited_call(func, args, kwargs, edit: SiteEdit):
 
 def _planned_forward(base: type):
     def forward(self, *args, **kwargs):
-        with _CallSites(self, self._fxcompress_edits):
-            return base.forward(self, *args, **kwargs)
+        with _CallSites(self, self._fxcompress_edits) as sites:
+            output = base.forward(self, *args, **kwargs)
+        sites.check_watched()
+        return output
     return forward
 
 
@@ -207,8 +235,7 @@ def _edits(gm: fx.GraphModule, plan: Plan) -> _Edits:
             block = residual_block(node)
             if not block:
                 raise decision.error(f"cannot remove the block: {block}")
-            call = bind(node)
-            edits.at(decision.target).shortcut = [call["input"], call["other"]].index(block[1])
+            edits.at(decision.target).shortcut = _shortcut_index(node, block)
         else:
             raise decision.error("this action cannot be applied to a trainable model")
         kinds.add(bind(node).kind)
@@ -217,10 +244,45 @@ def _edits(gm: fx.GraphModule, plan: Plan) -> _Edits:
         edits.at(stable_name(consumer)).mask_input = (channel_axis(source), tuple(sorted(channels)))
         kinds.add(bind(consumer).kind)
     edits.kinds = frozenset(kinds)
+    edits.shortcuts = {stable_name(node): _shortcut_index(node, block) for node in gm.graph.nodes
+                       if (block := residual_block(node))}
     return edits
 
 
-class _EvalMode:
+def _shortcut_index(add: fx.Node, block: tuple) -> int:
+    call = bind(add)
+    return [call["input"], call["other"]].index(block[1])
+
+
+@contextmanager
+def recording(model: torch.nn.Module, names) -> Iterator[list]:
+    """While open, each forward of the planned `model` (also through DistributedDataParallel, in train or eval
+    mode) appends (name, shortcut operand, result) for each residual add in `names` to the list it yields, with
+    gradients where grad is enabled; copies, so later in-place ops do not change them. The consumer clears the
+    list. Raises PlanError for a model not made by `apply_plan`, a name that is not one of its residual adds
+    (`blocks.residual_block`) or a removed block (its add returns the shortcut and its body runs unused), and at
+    the end of a forward that did not call every named add."""
+    if not is_planned(model):
+        raise PlanError("recording needs a planned model (made by apply_plan)")
+    edits = model._fxcompress_edits
+    names = frozenset(names)
+    unknown = sorted(names - edits.shortcuts.keys())
+    if unknown:
+        raise PlanError(f"recording: {unknown[:3]} are not residual adds of this model; "
+                        f"valid: {', '.join(sorted(edits.shortcuts)) or 'none'}")
+    removed = sorted(name for name in names if name in edits.sites and edits.sites[name].shortcut is not None)
+    if removed:
+        raise PlanError(f"recording: the blocks {removed[:3]} are removed by the model's plan")
+    if edits.watched:
+        raise PlanError("recording: this model is already being recorded")
+    edits.watched, edits.recorded = names, []
+    try:
+        yield edits.recorded
+    finally:
+        edits.watched, edits.recorded = frozenset(), []
+
+
+class EvalMode:
     """Puts a model in eval mode for a block and gives every module its own mode back afterwards."""
 
     def __init__(self, model: torch.nn.Module):
@@ -239,7 +301,7 @@ def _captured(model: torch.nn.Module, example_inputs, plan: Plan) -> fx.GraphMod
     """The captured graph of `model` (a planned model: of its base), names and shapes annotated, with
     `fxcompress_plan`: the model's plan then `plan`, checked against it (PlanError)."""
     base, full = split_plan(model, plan)
-    with _EvalMode(base), torch.no_grad():
+    with EvalMode(base), torch.no_grad():
         gm = capture(base, check_inputs(base, example_inputs))
     annotate_names(gm)
     annotate_shapes(gm, tuple(example_inputs))
@@ -281,7 +343,7 @@ def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple)
     samples = sample_inputs(example_inputs)
     expected = [output_tensors(reference_gm(*fresh(sample))) for sample in samples]
     actual = []
-    with _EvalMode(planned), torch.no_grad():
+    with EvalMode(planned), torch.no_grad():
         for sample in samples:
             sites = _CallSites(planned, planned._fxcompress_edits)
             with sites:

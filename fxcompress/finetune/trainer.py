@@ -6,13 +6,16 @@ but the model carries over between calls. Shuffling, dropout and flips are seede
 state: the same seed gives the same batches and, on CPU, the same final weights, and the caller's global RNG is
 left as it was. Under an initialised torch.distributed process group, `train` uses a DistributedSampler and
 wraps the model in DistributedDataParallel for the run (unwrapped after: the caller keeps its module), and
-`evaluate` shards the data over the ranks and sums the counts, so every rank gets the same numbers.
+`evaluate` shards the data over the ranks and sums the counts, so every rank gets the same numbers. A
+regulariser (LaCoOT's block distance: `lacoot.BlockDistanceRegulariser`) adds a penalty to the loss.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,16 @@ from . import distributed
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+
+
+class Regulariser(Protocol):
+    """A penalty added to the training loss: `watching(model)` is entered around the whole `train` run (on the
+    model itself, not its DistributedDataParallel wrapper) and `penalty()`, called after each forward, returns
+    the penalty of that forward (a scalar tensor, float32, computed outside autocast) and consumes what it read."""
+
+    def watching(self, model: nn.Module) -> AbstractContextManager: ...
+
+    def penalty(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class TrainConfig:
     max_batches: cap on the batches of each epoch (smoke runs, tests).
     workers: DataLoader worker processes.
     progress: tqdm bars over epochs and batches (shown on rank 0 only).
+    A regulariser is not an option here: `train(..., regulariser=)` takes it and adds its penalty to this loss.
     """
 
     optimizer: str = "sgd"
@@ -105,7 +119,7 @@ class Evaluation:
 
 def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, epochs: int, *, seed: int,
           device: str | torch.device = "cpu", find_unused_parameters: bool = False,
-          teacher: nn.Module | None = None, regulariser=None) -> dict:
+          teacher: nn.Module | None = None, regulariser: Regulariser | None = None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
     {"epoch_losses": mean training loss of each epoch (averaged over ranks), "batches": batches per rank}.
 
@@ -116,6 +130,8 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
     rank at the end, so all ranks hold the same model. With `config.distill > 0`, `teacher` (run in eval mode,
     without gradients) is distilled into the model. A DataLoader is used as it is (its batches, shuffling and
     sampler: under a process group, give it a DistributedSampler); `config.batch_size` applies to datasets.
+    A `regulariser` (`Regulariser`) watches the model during the run and its penalty is added to each batch's
+    loss (the epoch losses include it); its random draws come from the seeded RNG, so runs repeat.
     """
     device = _resolve(device)
     amp_dtype = _amp_dtype(config.amp, device)
@@ -130,10 +146,12 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
         raise OptionError("option 'distill' needs a teacher model")
     if teacher is not None and config.distill:
         teacher = teacher.to(device).eval()
-    step = _Step(optimizer, scheduler, amp_dtype, config, teacher if config.distill else None)
+    step = _Step(optimizer, scheduler, amp_dtype, config, teacher if config.distill else None, regulariser)
     runner = _wrap(model, device, find_unused_parameters)
     losses = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+    watching = regulariser.watching(model) if regulariser is not None else nullcontext()
+    with watching, torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                         device_type=device.type):
         torch.manual_seed(seed + distributed.rank())
         for epoch in tqdm(range(epochs), desc="epochs", disable=_quiet(config.progress)):
             if isinstance(loader.sampler, DistributedSampler):
@@ -201,12 +219,13 @@ def lr_factor(config: TrainConfig, progress: float) -> float:
 
 
 class _Step:
-    """One optimisation step: forward under autocast, backward (scaled for float16), optimiser and schedule."""
+    """One optimisation step: forward under autocast, loss (plus the regulariser's penalty, outside autocast),
+    backward (scaled for float16), optimiser and schedule."""
 
     def __init__(self, optimizer, scheduler, amp_dtype: torch.dtype | None, config: TrainConfig,
-                 teacher: nn.Module | None) -> None:
+                 teacher: nn.Module | None, regulariser: Regulariser | None = None) -> None:
         self.optimizer, self.scheduler, self.amp_dtype = optimizer, scheduler, amp_dtype
-        self.config, self.teacher = config, teacher
+        self.config, self.teacher, self.regulariser = config, teacher, regulariser
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def __call__(self, runner: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -219,6 +238,8 @@ class _Step:
         if self.teacher is not None:
             loss = (1 - self.config.distill) * loss + self.config.distill * distillation(
                 logits.float(), targets.float(), self.config.temperature)
+        if self.regulariser is not None:
+            loss = loss + self.regulariser.penalty()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
