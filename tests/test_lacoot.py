@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxcompress
 from fxcompress.errors import OptionError, PlanError
 from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances, monitored_blocks
-from fxcompress.finetune.methods import Lacoot
-from fxcompress.finetune.methods import StepInputs
+from fxcompress.finetune.methods import Lacoot, StepInputs
 from fxcompress.finetune.planned import apply_plan, planned_graph, recording
 from fxcompress.finetune.trainer import TrainConfig, train
 from fxcompress.plan import Decision, Plan

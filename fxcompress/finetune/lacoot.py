@@ -51,7 +51,7 @@ def _positive_integer(name: str, value: object) -> int:
 
 
 def planned_model(model: torch.nn.Module, example_inputs) -> torch.nn.Module:
-    return model if isplanned_model(model) else apply_plan(model, Plan(), example_inputs)
+    return model if is_planned(model) else apply_plan(model, Plan(), example_inputs)
 
 
 class BlockDistanceRegulariser:
@@ -63,7 +63,7 @@ class BlockDistanceRegulariser:
 
     def __init__(self, model: torch.nn.Module, example_inputs, weight: float, projections: int = 50,
                  blocks: list[str] | None = None):
-        if not isplanned_model(model):
+        if not is_planned(model):
             raise PlanError("the LaCoOT regulariser needs a planned model (made by apply_plan)")
         if not finite_number("LaCoOT weight", weight) > 0:
             raise OptionError(f"LaCoOT weight must be > 0 (0 is training without the regulariser), got {weight!r}")
@@ -99,7 +99,7 @@ def _draw_seed() -> int:
     return int(torch.randint(2 ** 31 - 1, ()))
 
 
-def blockmeasured_distances(model: torch.nn.Module, example_inputs, batches, projections: int = 50) -> dict[str, float]:
+def block_distances(model: torch.nn.Module, example_inputs, batches, projections: int = 50) -> dict[str, float]:
     """The mean block distance of each monitored block of `model` (planned or not) over `batches` (input tuples
     or tensors), in eval mode without gradients, with fixed projections (CALIBRATION_SEED)."""
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
