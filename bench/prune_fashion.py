@@ -151,11 +151,19 @@ def trajectory(name: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def within_one_point(steps: list[dict]) -> dict:
-    """The step with the most activations linearised (the latest of equals) whose validation accuracy is at most
-    1 point below the dense model's: chosen on validation, reported on test."""
+PROGRESS = {"lacoot": "blocks_removed", "lacoot-0": "blocks_removed", "egp": "sparsity", "magnitude": "sparsity"}
+
+
+def progress_key(method: str) -> str:
+    """What a method's steps remove: blocks (LaCoOT), weights (pruning), else activations."""
+    return PROGRESS.get(method, "activations_linearised")
+
+
+def within_one_point(steps: list[dict], key: str = "activations_linearised") -> dict:
+    """The step furthest along `key` (the latest of equals) whose validation accuracy is at most 1 point below
+    step 0's: chosen on validation, reported on test."""
     within = [step for step in steps if round(step["drop"], 12) <= WITHIN]
-    return max(within, key=lambda step: (step["activations_linearised"], step["step"]))
+    return max(within, key=lambda step: (step.get(key, 0), step["step"]))
 
 
 def plan_until(steps: list[dict], step: int):
@@ -194,7 +202,7 @@ def latency(name: str) -> None:
             if key not in entry["onnxruntime"]:
                 entry["onnxruntime"][key] = latency_ratio(model, plan_until(steps, step["step"]), SIZE, "onnxruntime")
                 path.write_text(json.dumps(results, indent=2))
-        kept = str(within_one_point(steps)["step"])
+        kept = str(within_one_point(steps, progress_key(method))["step"])
         fields = [("onnxruntime_224", 224, "onnxruntime")]
         if name in INDUCTOR_MODELS and method != "control":
             fields += [("inductor", SIZE, "inductor"), ("inductor_224", 224, "inductor")]
@@ -214,12 +222,13 @@ def report() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = ["| model | method | dense test | step within 1 pt | activations linearised | weight layers | "
-            "test | ORT ratio 64 / 224 | Inductor ratio 64 / 224 |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | method | step-0 test | step within 1 pt | activations linearised | blocks removed | "
+            "sparsity | weight layers | test | ORT ratio 64 / 224 | Inductor ratio 64 / 224 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in DENSE:
         timing = json.loads((RESULTS / f"{name}_latency.json").read_text()) \
             if (RESULTS / f"{name}_latency.json").is_file() else {}
-        figure, (by_depth, by_latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+        figure, ((by_depth, by_latency), (by_blocks, by_sparsity)) = plt.subplots(2, 2, figsize=(12, 9))
         for method in METHODS:
             data = trajectory(name, method)
             if data is None:
@@ -227,32 +236,47 @@ def report() -> None:
             steps = data["steps"]
             accuracy = [100 * step["test"] for step in steps]
             control = method == "control"
-            by_depth.plot([step["step"] if control else step["activations_linearised"] for step in steps], accuracy,
-                          marker="o", linestyle="--" if control else "-",
-                          label="control (x: steps of fine-tuning)" if control else method)
+            key = progress_key(method)
+            label = f"{method} (lambda {data['settings']['lacoot_weight']:g})" if key == "blocks_removed" else method
+            if key == "blocks_removed":
+                by_blocks.plot([step[key] for step in steps], accuracy, marker="o", label=label)
+            else:
+                by_depth.plot([step["step"] if control else step["activations_linearised"] for step in steps],
+                              accuracy, marker="o", linestyle="--" if control else "-",
+                              label="control (x: steps of fine-tuning)" if control else method)
+            if key == "sparsity":
+                by_sparsity.plot([100 * step[key] for step in steps], accuracy, marker="o", label=method)
+                for step, value in zip(steps, accuracy):
+                    by_sparsity.annotate(str(step["activations_linearised"]), (100 * step[key], value), fontsize=7)
             ratios = timing.get(method, {}).get("onnxruntime", {})
             if ratios:
                 by_latency.scatter([ratios.get(str(step["step"]), math.nan) for step in steps], accuracy,
-                                   label="control (unchanged model: the noise)" if control else method)
-            kept = within_one_point(steps)
+                                   label="control (unchanged model: the noise)" if control else label)
+            kept = within_one_point(steps, key)
             row = timing.get(method, {})
             ort = f"{_ratio(ratios.get(str(kept['step'])))} / {_ratio(row.get('onnxruntime_224', {}).get('ratio'))}"
             inductor = f"{_ratio(row.get('inductor', {}).get('ratio'))} / " \
                        f"{_ratio(row.get('inductor_224', {}).get('ratio'))}"
-            rows.append(f"| {name} | {method} | {100 * steps[0]['test']:.2f} | {kept['step']} | "
-                        f"{kept['activations_linearised']} | {kept['dense_weight_layers']} -> "
+            rows.append(f"| {name} | {label} | {100 * steps[0]['test']:.2f} | {kept['step']} | "
+                        f"{kept['activations_linearised']} | {kept.get('blocks_removed', 0)} | "
+                        f"{100 * kept.get('sparsity', 0):.1f} % | {kept['dense_weight_layers']} -> "
                         f"{kept['weight_layers']} | {100 * kept['test']:.2f} | {ort} | {inductor} |")
         exact = timing.get("exact passes only", {})
-        rows.append(f"| {name} | exact passes only (BN folded) | | | 0 | | | "
+        rows.append(f"| {name} | exact passes only (BN folded) | | | 0 | 0 | | | | "
                     f"{_ratio(exact.get('onnxruntime_64'))} / {_ratio(exact.get('onnxruntime_224'))} | "
                     f"{_ratio(exact.get('inductor_64'))} / {_ratio(exact.get('inductor_224'))} |")
-        by_depth.set(xlabel="activations linearised", ylabel="test accuracy (%)",
+        by_depth.set(xlabel="activations linearised (EGP, magnitude: layers collapsed)", ylabel="test accuracy (%)",
                      title=f"{name}, Fashion-MNIST {SIZE}px")
         by_latency.set(xlabel="batch-1 latency ratio, ONNX Runtime (compressed / dense)",
                        ylabel="test accuracy (%)", title=f"{name}: accuracy vs latency")
-        for axes in (by_depth, by_latency):
+        by_blocks.set(xlabel="residual blocks removed (no fine-tuning after training)", ylabel="test accuracy (%)",
+                      title=f"{name}: LaCoOT, with and without its regulariser")
+        by_sparsity.set(xlabel="weight sparsity of the convs and linears (%)", ylabel="test accuracy (%)",
+                        title=f"{name}: EGP vs global magnitude (labels: layers collapsed)")
+        for axes in (by_depth, by_latency, by_blocks, by_sparsity):
             axes.grid(alpha=0.3)
-            axes.legend()
+            if axes.get_legend_handles_labels()[0]:
+                axes.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(RESULTS / f"{name}.png", dpi=90)
     (RESULTS / "summary.md").write_text("\n".join(rows) + "\n")

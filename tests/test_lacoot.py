@@ -1,6 +1,7 @@
 """LaCoOT: block inputs/outputs recorded at the planned model's call sites, the block-distance regulariser in the
 trainer, and block removal by distance. References are plain torch forwards written here and POT called directly."""
 import copy
+from types import SimpleNamespace
 
 import ot
 import pytest
@@ -247,3 +248,41 @@ def test_the_penalty_is_float32_under_autocast():
             planned(*x)
         assert {output.dtype for _, _, output in regulariser.recorded} == {torch.bfloat16}
         assert regulariser.penalty().dtype == torch.float32
+
+
+def _loop_data():
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(96, 3, 8, 8, generator=generator), torch.randint(0, 3, (96,), generator=generator)
+    return SimpleNamespace(train=TensorDataset(images, labels), validation=TensorDataset(images[:32], labels[:32]),
+                           test=TensorDataset(images[32:64], labels[32:64]))
+
+
+@pytest.mark.parametrize("weight", [0.0, 5.0])
+def test_the_loop_trains_then_removes_blocks_without_fine_tuning_and_resumes(weight, tmp_path):
+    options = dict(method="lacoot", data=_loop_data(), train_config=TrainConfig(batch_size=16, progress=False),
+                   lacoot_weight=weight, dense_epochs=1, epochs_per_step=0, max_drop=1.0, progress=False)
+    whole = fxcompress.prune(Net(scales=(1.0, 0.1)), x, steps=2, **options)
+    steps = whole.trajectory.steps
+    assert [step["blocks_removed"] for step in steps] == [0, 1, 2]
+    assert steps[1]["chosen"] == ["b:add"]  # the nearer block (conv2 scaled by 0.1) goes first
+    assert steps[1]["weight_layers"] == steps[0]["weight_layers"] - 2
+    assert whole.trajectory.stopped == "2 steps done"
+    fxcompress.prune(Net(scales=(1.0, 0.1)), x, steps=1, out=tmp_path, **options)
+    resumed = fxcompress.prune(Net(scales=(1.0, 0.1)), x, steps=2, out=tmp_path, resume=True, **options)
+    assert [step["validation"] for step in resumed.trajectory.steps] == [step["validation"] for step in steps]
+    with torch.no_grad():
+        assert torch.equal(resumed.model.eval()(x[0]), whole.model.eval()(x[0]))
+
+
+def test_the_regulariser_changes_training_and_needs_the_built_in_trainer():
+    data = _loop_data()
+    losses = {}
+    for weight in (0.0, 5.0):
+        result = fxcompress.prune(Net(), x, method="lacoot", data=data, lacoot_weight=weight, dense_epochs=1,
+                                  steps=0, train_config=TrainConfig(batch_size=16, progress=False), progress=False)
+        losses[weight] = result.model.a.conv2.weight.detach().clone()
+    assert not torch.equal(losses[0.0], losses[5.0])
+    with pytest.raises(OptionError, match="built-in trainer"):
+        fxcompress.prune(Net(), x, method="lacoot", finetune=lambda model: None, evaluate=lambda model: 1.0)
+    fxcompress.prune(Net(), x, method="lacoot", lacoot_weight=0.0, steps=1, finetune=lambda model: None,
+                     evaluate=lambda model: 1.0, calibration=[x], progress=False)

@@ -5,7 +5,7 @@ training where asked) and repeats, until a budget is met (`activations` linearis
 `latency_ratio` of the compressed model against the dense one), the validation score drops more than
 `max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
 result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved:
-`checkpoint.pt` (model state, plan, RNG, trajectory), `kept.pt` (the last step within the tolerance) and
+`checkpoint.pt` (model state, pruning masks, plan, RNG, trajectory), `kept.pt` (the last step within the tolerance) and
 `trajectory.json`; `resume=True` continues an interrupted run from its last checkpoint (a step that was
 interrupted starts again; each step seeds its own random generators, so a resumed run makes the same choices).
 
@@ -276,9 +276,12 @@ class _Loop:
         entry["within_tolerance"] = entry["drop"] <= self.config.max_drop
         self.trajectory.steps.append(entry)
         if self.progress and distributed.is_main():
-            print(f"step {step}: {entry.get('activations_linearised', 0)} activations linearised, weight layers "
-                  f"{entry.get('weight_layers')}, validation {entry['validation']:.4f} (drop {entry['drop']:+.4f}), "
-                  f"test {entry['test'] if entry['test'] is None else round(entry['test'], 4)}", flush=True)
+            removed = f"{entry.get('blocks_removed', 0)} blocks removed, " if entry.get("blocks_removed") else ""
+            sparsity = f"sparsity {entry['sparsity']:.3f}, " if entry.get("sparsity") else ""
+            test = entry["test"] if entry["test"] is None else round(entry["test"], 4)
+            print(f"step {step}: {entry.get('activations_linearised', 0)} activations linearised, {removed}{sparsity}"
+                  f"weight layers {entry.get('weight_layers')}, validation {entry['validation']:.4f} "
+                  f"(drop {entry['drop']:+.4f}), test {test}", flush=True)
         if entry["within_tolerance"]:
             self.trajectory.kept, self.kept_model = step, self.model
         self.save(entry["within_tolerance"])
@@ -392,11 +395,11 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
           **options) -> PruneResult:
     """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
     "dsd2", "random", "control") by the fine-tuning loop (module docstring). DSD² distils with its alpha and T
-    unless `train_config` sets its own distillation. Options are the fields of `LoopConfig`. Give either `data` (an object with `train`,
-    `validation` and `test`: datasets, as `data.fashion_mnist_splits` returns, or DataLoaders, used as they
-    are, for the built-in trainer configured by `train_config`) or `finetune` and `evaluate`
-    callables (then `calibration` batches for the entropy criterion). `progress` prints a line per step and
-    shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
+    unless `train_config` sets its own distillation. Options are the fields of `LoopConfig`. Give either `data`
+    (an object with `train`, `validation` and `test`: datasets, as `data.fashion_mnist_splits` returns, or
+    DataLoaders, used as they are, for the built-in trainer configured by `train_config`) or `finetune` and
+    `evaluate` callables (then `calibration` batches for the methods that measure). `progress` prints a line per
+    step and shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
     modified."""
     config = LoopConfig(method=method, **options)
     if (data is None) == (finetune is None or evaluate is None):
