@@ -37,7 +37,7 @@ def tiny_data(size=16):
 
 STEP_KEYS = {"step", "decisions", "chosen", "scores", "validation", "test", "activations_linearised", "activations",
              "weight_layers", "depth", "params", "macs", "macs_ratio", "dense_weight_layers", "seconds", "drop",
-             "within_tolerance"}
+             "within_tolerance", "blocks_removed", "sparsity"}
 
 
 def check_trajectory(result, steps):
@@ -160,6 +160,9 @@ def test_the_prune_command_writes_its_outputs(tmp_path):
     (("--method", "magic"), "invalid choice: 'magic'"),
     (("--max-drop", "1.5"), "expected a number in [0, 1]"),
     (("--max-drop", "-0.1"), "expected a number in [0, 1]"),
+    (("--lacoot-weight", "-1"), "expected a number >= 0"),
+    (("--epochs-per-step", "-1"), "expected an integer >= 0"),
+    (("--prune-rate", "2"), "expected a number in [0, 1]"),
 ])
 def test_the_prune_command_refuses_bad_options(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
