@@ -63,6 +63,8 @@ RUNS_OF = {
     # LaCoOT: train with the regulariser (lambda > 0) or without (the baseline), then remove blocks one per step,
     # smallest distance first, without fine-tuning; to the end, so that the curves show where accuracy falls
     "lacoot": {"method": "lacoot", "dense_epochs": LACOOT_EPOCHS, "epochs": 0, "max_drop": 1.0, "per_step": 1},
+    "lacoot-1": {"method": "lacoot", "lacoot_weight": 1.0, "dense_epochs": LACOOT_EPOCHS, "epochs": 0,
+                 "max_drop": 1.0, "per_step": 1},
     "lacoot-0": {"method": "lacoot", "lacoot_weight": 0.0, "dense_epochs": LACOOT_EPOCHS, "epochs": 0,
                  "max_drop": 1.0, "per_step": 1},
     # unstructured pruning rounds of 50 % of the remaining weights: EGP's split against global magnitude
@@ -151,7 +153,7 @@ def trajectory(name: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-PROGRESS = {"lacoot": "blocks_removed", "lacoot-0": "blocks_removed", "egp": "sparsity", "magnitude": "sparsity"}
+PROGRESS = {"lacoot": "blocks_removed", "lacoot-1": "blocks_removed", "lacoot-0": "blocks_removed", "egp": "sparsity", "magnitude": "sparsity"}
 
 
 def progress_key(method: str) -> str:

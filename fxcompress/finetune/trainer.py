@@ -60,7 +60,6 @@ class TrainConfig:
     max_batches: cap on the batches of each epoch (smoke runs, tests).
     workers: DataLoader worker processes.
     progress: tqdm bars over epochs and batches (shown on rank 0 only).
-    A regulariser is not an option here: `train(..., regulariser=)` takes it and adds its penalty to this loss.
     """
 
     optimizer: str = "sgd"
