@@ -102,9 +102,14 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in model.named_modules():
         if isinstance(layer, nn.Linear):
-            state[f"{name}.weight"] = layer.weight.detach().clone()
+            state[f"{name}.weight"] = weight_of(layer).detach().clone()
             state[f"{name}.bias"] = layer.bias.detach().clone()
     return state
+
+
+def weight_of(layer: nn.Linear) -> torch.Tensor:
+    """The weight a forward uses now (a pruned layer's `weight` attribute is refreshed only at its next forward)."""
+    return layer.weight_orig * layer.weight_mask if hasattr(layer, "weight_mask") else layer.weight
 
 
 def restore(weights: dict[str, torch.Tensor], layer_masks: dict[str, torch.Tensor]) -> nn.Module:
