@@ -156,7 +156,7 @@ def settings_of(curve: str, overrides: dict) -> dict:
     from fxcompress.errors import OptionError
     if curve not in CURVES:
         raise OptionError(f"unknown curve {curve!r}; valid: {', '.join(CURVES)}")
-    return {**SETTINGS, **{"distill": 0.0, "temperature": 1.0}, **CURVES[curve], **overrides}
+    return {**SETTINGS, "distill": 0.0, "temperature": 1.0, **CURVES[curve], **overrides}
 
 
 def run(curve: str, rounds: int = ROUNDS, runs: Path = RUNS, results: Path = RESULTS, **overrides) -> dict:
