@@ -67,6 +67,10 @@ RUNS_OF = {
                  "max_drop": 1.0, "per_step": 1},
     "lacoot-0": {"method": "lacoot", "lacoot_weight": 0.0, "dense_epochs": LACOOT_EPOCHS, "epochs": 0,
                  "max_drop": 1.0, "per_step": 1},
+    "lacoot-long": {"method": "lacoot", "dense_epochs": 3 * LACOOT_EPOCHS, "epochs": 0, "max_drop": 1.0,
+                    "per_step": 1},
+    "lacoot-0-long": {"method": "lacoot", "lacoot_weight": 0.0, "dense_epochs": 3 * LACOOT_EPOCHS, "epochs": 0,
+                      "max_drop": 1.0, "per_step": 1},
     # unstructured pruning rounds of 50 % of the remaining weights: EGP's split against global magnitude
     "egp": {"method": "egp", "steps": PRUNE_ROUNDS, "max_drop": 1.0, "per_step": 1},
     "magnitude": {"method": "magnitude", "steps": PRUNE_ROUNDS, "max_drop": 1.0, "per_step": 1},
@@ -153,7 +157,7 @@ def trajectory(name: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-PROGRESS = {"lacoot": "blocks_removed", "lacoot-1": "blocks_removed", "lacoot-0": "blocks_removed", "egp": "sparsity", "magnitude": "sparsity"}
+PROGRESS = {**{run: "blocks_removed" for run in ("lacoot", "lacoot-1", "lacoot-0", "lacoot-long", "lacoot-0-long")}, "egp": "sparsity", "magnitude": "sparsity"}
 
 
 def progress_key(method: str) -> str:
