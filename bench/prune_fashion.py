@@ -157,7 +157,8 @@ def trajectory(name: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-PROGRESS = {**{run: "blocks_removed" for run in ("lacoot", "lacoot-1", "lacoot-0", "lacoot-long", "lacoot-0-long")}, "egp": "sparsity", "magnitude": "sparsity"}
+PROGRESS = {**{run: "blocks_removed" for run, settings in RUNS_OF.items() if settings["method"] == "lacoot"},
+            "egp": "sparsity", "magnitude": "sparsity"}
 
 
 def progress_key(method: str) -> str:
