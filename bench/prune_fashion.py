@@ -247,7 +247,7 @@ def report() -> None:
             label = f"{method} (lambda {data['settings']['lacoot_weight']:g})" if key == "blocks_removed" else method
             if key == "blocks_removed":
                 by_blocks.plot([step[key] for step in steps], accuracy, marker="o", label=label)
-            else:
+            elif key == "activations_linearised":
                 by_depth.plot([step["step"] if control else step["activations_linearised"] for step in steps],
                               accuracy, marker="o", linestyle="--" if control else "-",
                               label="control (x: steps of fine-tuning)" if control else method)
@@ -258,6 +258,7 @@ def report() -> None:
             ratios = timing.get(method, {}).get("onnxruntime", {})
             if ratios:
                 by_latency.scatter([ratios.get(str(step["step"]), math.nan) for step in steps], accuracy,
+                                   marker={"blocks_removed": "x", "sparsity": "s"}.get(key, "o"),
                                    label="control (unchanged model: the noise)" if control else label)
             kept = within_one_point(steps, key)
             row = timing.get(method, {})
@@ -272,7 +273,7 @@ def report() -> None:
         rows.append(f"| {name} | exact passes only (BN folded) | | | 0 | 0 | | | | "
                     f"{_ratio(exact.get('onnxruntime_64'))} / {_ratio(exact.get('onnxruntime_224'))} | "
                     f"{_ratio(exact.get('inductor_64'))} / {_ratio(exact.get('inductor_224'))} |")
-        by_depth.set(xlabel="activations linearised (EGP, magnitude: layers collapsed)", ylabel="test accuracy (%)",
+        by_depth.set(xlabel="activations linearised", ylabel="test accuracy (%)",
                      title=f"{name}, Fashion-MNIST {SIZE}px")
         by_latency.set(xlabel="batch-1 latency ratio, ONNX Runtime (compressed / dense)",
                        ylabel="test accuracy (%)", title=f"{name}: accuracy vs latency")
