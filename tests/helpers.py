@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torchvision
 
@@ -98,3 +99,12 @@ def linearized_reference(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(child, (torch.nn.ReLU, torch.nn.ReLU6)):
                 setattr(module, child_name, torch.nn.Identity())
     return reference
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models in one thread: with two, OpenMP barriers dominate and cost ~100x on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,8 @@ from torch.utils.data import TensorDataset
 from fxcompress import data
 from fxcompress.errors import MissingDependencyError, OptionError
 
+from helpers import one_thread  # noqa: F401 (a fixture)
+
 SCRIPT = Path(__file__).parents[1] / "bench" / "double_descent.py"
 
 
@@ -27,12 +29,7 @@ def load_study():
 study = load_study()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_noisy_labels_replace_exactly_the_fraction_with_a_fixed_seed():

@@ -16,14 +16,9 @@ from fxcompress import data
 from fxcompress.errors import MissingDependencyError, OptionError
 from fxcompress.finetune.trainer import TrainConfig, distillation, evaluate, lr_factor, make_optimizer, train
 
+from helpers import one_thread  # noqa: F401 (a fixture)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models in one thread: with two, OpenMP barriers dominate and cost ~100x on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_set(samples: int = 96, seed: int = 0) -> TensorDataset:

@@ -171,7 +171,17 @@ def _tlc_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
     states = node.meta[meta.CHANNEL_STATES]
     labels = states.states()
     off = [channel for channel, label in enumerate(labels) if label == OFF]
-    if len(off) == len(labels) or regions_refusal(node, off) is not None:
+    decisions = linearised_without(gm, node, off) if len(off) < len(labels) else None
+    if decisions is None:
+        return None
+    error = layer_error(states, "mean")
+    return Choice(stable_name(node), decisions, error if math.isfinite(error) else math.inf)
+
+
+def linearised_without(gm: fx.GraphModule, node: fx.Node, off: list[int]) -> tuple[Decision, ...] | None:
+    """The decisions that linearise the activation `node` with its `off` channels removed or zeroed; None where
+    its regions make that inexact or the channels can be neither removed nor zeroed."""
+    if regions_refusal(node, off) is not None:
         return None
     decisions = [Decision("linearize", stable_name(node))]
     if off:
@@ -179,8 +189,7 @@ def _tlc_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
         if isinstance(decision, str):
             return None
         decisions.insert(0, decision)
-    error = layer_error(states, "mean")
-    return Choice(stable_name(node), tuple(decisions), error if math.isfinite(error) else math.inf)
+    return tuple(decisions)
 
 
 def _validation_loss(model: torch.nn.Module, inputs: StepInputs) -> float:
@@ -318,15 +327,8 @@ def collapse_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
     if stats.entropy.max() > 0:
         return None
     off = [channel for channel, p_on in enumerate(stats.p_on.tolist()) if p_on == 0]
-    if regions_refusal(node, off) is not None:
-        return None
-    decisions = [Decision("linearize", stable_name(node))]
-    if off:
-        decision = off_decision(gm, node, off, max_error=1.0)
-        if isinstance(decision, str):
-            return None
-        decisions.insert(0, decision)
-    return Choice(stable_name(node), tuple(decisions), 0.0)
+    decisions = linearised_without(gm, node, off)
+    return None if decisions is None else Choice(stable_name(node), decisions, 0.0)
 
 
 def next_activation(node: fx.Node) -> fx.Node | None:
