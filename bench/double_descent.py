@@ -44,6 +44,11 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from fxcompress.data import mnist_splits
+from fxcompress.errors import OptionError
+from fxcompress.finetune.sparsity import current_mask, plain_state_dict, set_masks
+from fxcompress.finetune.trainer import TrainConfig, evaluate, train
+
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "double_descent"
 RESULTS = ROOT / "results" / "double_descent"
@@ -87,9 +92,8 @@ def rewind(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{layer name: its 0/1 weight mask} (all ones for a layer not pruned yet)."""
-    return {name: getattr(layer, "weight_mask", torch.ones_like(layer.weight)).clone()
-            for name, layer in model.named_modules() if isinstance(layer, nn.Linear)}
+    """{layer name: its weight mask} (all True for a layer not pruned yet)."""
+    return {name: current_mask(layer) for name, layer in model.named_modules() if isinstance(layer, nn.Linear)}
 
 
 def remaining(model: nn.Module) -> tuple[int, int]:
@@ -99,27 +103,15 @@ def remaining(model: nn.Module) -> tuple[int, int]:
 
 
 def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as a dense state_dict (masks folded in: pruned weights are zeros)."""
-    state = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.Linear):
-            state[f"{name}.weight"] = weight_of(layer).detach().clone()
-            state[f"{name}.bias"] = layer.bias.detach().clone()
-    return state
-
-
-def weight_of(layer: nn.Linear) -> torch.Tensor:
-    """The weight a forward uses now (a pruned layer's `weight` attribute is refreshed only at its next forward)."""
-    return layer.weight_orig * layer.weight_mask if hasattr(layer, "weight_mask") else layer.weight
+    """The model's weights as a dense state_dict (masks folded in: pruned weights are zeros), copied."""
+    return {key: value.clone() for key, value in plain_state_dict(model).items()}
 
 
 def restore(weights: dict[str, torch.Tensor], layer_masks: dict[str, torch.Tensor]) -> nn.Module:
     """A LeNet-300-100 holding `weights` (dense state), pruned by the masks of `layer_masks` that have zeros."""
     model = lenet_300_100(0)
     model.load_state_dict(weights)
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.Linear) and name in layer_masks and not bool(layer_masks[name].all()):
-            prune.custom_from_mask(layer, "weight", layer_masks[name])
+    set_masks(model, {name: mask for name, mask in layer_masks.items() if not bool(mask.all())})
     return model
 
 
@@ -131,13 +123,11 @@ def batches(dataset, batch_size: int, seed: int) -> DataLoader:
 
 
 def load_splits(settings: dict):
-    from fxcompress.data import mnist_splits
     return mnist_splits(noise=settings["noise"], seed=settings["seed"], train_samples=settings["train_samples"])
 
 
 def train_round(model: nn.Module, splits, settings: dict, seed: int, teacher: nn.Module | None) -> dict:
     """Train with the settings (distilling from `teacher` when given) and measure; returns the point's numbers."""
-    from fxcompress.finetune.trainer import TrainConfig, evaluate, train
     distill = {"distill": settings["distill"], "temperature": settings["temperature"]} if teacher is not None else {}
     config = TrainConfig(lr=settings["lr"], momentum=settings["momentum"], weight_decay=settings["weight_decay"],
                          schedule="constant", batch_size=settings["batch_size"], max_batches=settings["max_batches"],
@@ -154,7 +144,6 @@ def train_round(model: nn.Module, splits, settings: dict, seed: int, teacher: nn
 
 
 def settings_of(curve: str, overrides: dict) -> dict:
-    from fxcompress.errors import OptionError
     if curve not in CURVES:
         raise OptionError(f"unknown curve {curve!r}; valid: {', '.join(CURVES)}")
     return {**SETTINGS, "distill": 0.0, "temperature": 1.0, **CURVES[curve], **overrides}
@@ -204,7 +193,6 @@ def _teacher(state: dict, splits, checkpoint: Path) -> nn.Module:
 
 
 def _resume(checkpoint: Path, settings: dict) -> dict | None:
-    from fxcompress.errors import OptionError
     if not checkpoint.is_file():
         return None
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -253,8 +241,7 @@ def report(results: Path = RESULTS) -> dict:
     curves = {curve: json.loads((results / f"{curve}.json").read_text())
               for curve in CURVES if (results / f"{curve}.json").is_file()}
     if not curves:
-        from fxcompress.errors import OptionError
-        raise OptionError(f"no curve measured in {results}: run `python bench/double_descent.py run plain` first")
+            raise OptionError(f"no curve measured in {results}: run `python bench/double_descent.py run plain` first")
     summary = {curve: {"rounds": len(result["points"]) - 1, **dip(result["points"])} if len(result["points"]) > 2
                else {"rounds": len(result["points"]) - 1} for curve, result in curves.items()}
     _plot(curves, results / "double_descent.png")
