@@ -6,6 +6,7 @@
                                                        run's steps on ONNX Runtime at the run's size; of each
                                                        run's step within 1 point also at 224 and on Inductor
   python bench/prune_fashion.py report                 plots (PNG) and the summary table (Markdown) of all runs
+  python bench/prune_fashion.py egp-split MODEL        the share of each layer that EGP's first round prunes
   python bench/prune_fashion.py freeze                 commit the demo's models: the dense MobileNetV2 and the kept
                                                        step of its DEMO_RUN, float16 weights and plan, in DEMO_FILE
   python bench/prune_fashion.py demo                   the main job: the committed shallower MobileNetV2 against
@@ -291,6 +292,26 @@ def report() -> None:
     print("\n".join(rows))
 
 
+def egp_split(name: str) -> None:
+    """The fraction of each layer's weights that EGP's first round prunes on the dense model, with the calibration
+    batches of the `egp` run (its step 1), and the layers pruned entirely."""
+    from fxcompress.data import fashion_mnist_splits
+    from fxcompress.finetune import apply_plan
+    from fxcompress.finetune.loop import _calibration
+    from fxcompress.finetune.methods import Egp, StepInputs
+    from fxcompress.plan import Plan
+    data = fashion_mnist_splits(SIZE, validation=DATA["validation"], train_samples=DATA["train_samples"],
+                                test_samples=DATA["test_samples"], flip=True)
+    example = (torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),)
+    calibration, _ = _calibration(data, 4, DATA["batch_size"])
+    model = apply_plan(_dense(name), Plan(), example)
+    prune_choice = Egp().choose(model, StepInputs(example, calibration, None, None), 1)[-1]
+    pruned = {path: round(1 - mask.float().mean().item(), 4) for path, mask in prune_choice.masks.items()}
+    result = {"model": name, "pruned_fraction": pruned, "pruned_entirely": [p for p, f in pruned.items() if f == 1]}
+    (RESULTS / f"{name}_egp_round1.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 DEMO_RUN = "easier-latency-long"
 DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
 
@@ -339,7 +360,7 @@ def demo() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["dense", "run", "latency", "report", "freeze", "demo"])
+    parser.add_argument("command", choices=["dense", "run", "latency", "report", "egp-split", "freeze", "demo"])
     parser.add_argument("model", nargs="?", choices=list(DENSE))
     parser.add_argument("method", nargs="?", choices=list(METHODS))
     args = parser.parse_args()
@@ -352,6 +373,8 @@ def main() -> None:
         latency(args.model)
     elif args.command == "report":
         report()
+    elif args.command == "egp-split":
+        egp_split(args.model)
     elif args.command == "freeze":
         freeze()
     elif args.command == "demo":

@@ -44,7 +44,7 @@ def monitored_blocks(gm: fx.GraphModule) -> list[str]:
     return names
 
 
-def _positive_integer(name: str, value: object) -> int:
+def positive_integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise OptionError(f"LaCoOT option {name!r} must be an integer >= 1, got {value!r}")
     return value
@@ -67,7 +67,7 @@ class BlockDistanceRegulariser:
             raise PlanError("the LaCoOT regulariser needs a planned model (made by apply_plan)")
         if not finite_number("LaCoOT weight", weight) > 0:
             raise OptionError(f"LaCoOT weight must be > 0 (0 is training without the regulariser), got {weight!r}")
-        self.weight, self.projections = float(weight), _positive_integer("projections", projections)
+        self.weight, self.projections = float(weight), positive_integer("projections", projections)
         self.blocks = monitored_blocks(planned_graph(model, example_inputs)) if blocks is None else list(blocks)
         if not self.blocks:
             raise OptionError("the model has no residual block with an identity shortcut for LaCoOT to regularise")

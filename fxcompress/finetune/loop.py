@@ -5,8 +5,8 @@ training where asked) and repeats, until a budget is met (`activations` linearis
 `latency_ratio` of the compressed model against the dense one), the validation score drops more than
 `max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
 result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved:
-`checkpoint.pt` (model state, pruning masks, plan, RNG, trajectory), `kept.pt` (the last step within the tolerance) and
-`trajectory.json`; `resume=True` continues an interrupted run from its last checkpoint (a step that was
+`checkpoint.pt` (model state, pruning masks, plan, RNG, trajectory), `kept.pt` (the last step within the
+tolerance) and `trajectory.json`; `resume=True` continues an interrupted run from its last checkpoint (a step that was
 interrupted starts again; each step seeds its own random generators, so a resumed run makes the same choices).
 
 Training and evaluation are either the caller's (`finetune(model, step)` trains the model in place;
@@ -36,7 +36,7 @@ from ..errors import OptionError, PassError, PlanError, finite_number
 from ..measure import measure
 from ..plan import Decision, Plan
 from . import distributed
-from .methods import StepInputs, make_method
+from .methods import Method, StepInputs, make_method
 from .planned import apply_plan, base_of, plan_of
 from .sparsity import masks_of, plain_state_dict, set_masks, weight_sparsity
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
@@ -195,11 +195,10 @@ def _calibration(data, count: int, batch_size: int) -> tuple[list, tuple | None]
 
 
 class _Loop:
-    def __init__(self, model, example_inputs, config: LoopConfig, runner, calibration: list,
+    def __init__(self, model, example_inputs, config: LoopConfig, method: Method, runner, calibration: list,
                  validation_batch, out: Path | None, progress: bool):
-        self.example_inputs, self.config, self.runner, self.out = example_inputs, config, runner, out
-        self.calibration, self.validation_batch, self.progress = calibration, validation_batch, progress
-        self.method = config.make_method()
+        self.example_inputs, self.config, self.method, self.runner = example_inputs, config, method, runner
+        self.out, self.calibration, self.validation_batch, self.progress = out, calibration, validation_batch, progress
         self.model = apply_plan(model, Plan(), example_inputs)
         self.template = copy.deepcopy(base_of(self.model))  # unpruned: checkpoints load into copies of it
         self.trajectory = Trajectory(asdict(config))
@@ -420,7 +419,7 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
         calibration = [batch if isinstance(batch, tuple) else (batch,) for batch in (calibration or [])]
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     out = _prepare_folder(out, resume)
-    loop = _Loop(model, example_inputs, config, runner, calibration, validation_batch, out, progress)
+    loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, out, progress)
     if resume:
         loop.resume()
     if data is not None:

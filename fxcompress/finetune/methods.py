@@ -51,7 +51,7 @@ from ..passes import ANALYSES
 from ..plan import Decision, Plan
 from ..planner import layer_error, off_decision, regions_refusal
 from ..pipeline import compress_graph
-from .lacoot import BlockDistanceRegulariser, measured_distances, monitored_blocks, planned_model
+from .lacoot import BlockDistanceRegulariser, measured_distances, monitored_blocks, planned_model, positive_integer
 from .planned import apply_plan, planned_graph
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
                        layer_magnitude_masks, layer_modules)
@@ -213,9 +213,7 @@ class Lacoot(Method):
         super().__init__(selection)
         if not finite_number("LaCoOT weight", weight) >= 0:
             raise OptionError(f"LaCoOT weight must be >= 0, got {weight!r}")
-        if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
-            raise OptionError(f"LaCoOT projections must be an integer >= 1, got {projections!r}")
-        self.weight, self.projections = float(weight), projections
+        self.weight, self.projections = float(weight), positive_integer("projections", projections)
 
     def candidates(self, gm: fx.GraphModule, model: torch.nn.Module, inputs: StepInputs) -> list[Choice]:
         if not inputs.calibration:
@@ -273,7 +271,7 @@ class Pruning(Method):
         _analyse(gm, ("annotate_entropy",), inputs)
         activations = [node for node in gm.graph.nodes if meta.ACTIVATION_STATS in node.meta]
         collapsible = [choice for node in activations if (choice := collapse_choice(gm, node)) is not None]
-        collapsed = Method.take(self, gm, collapsible, len(collapsible), inputs.example_inputs)
+        collapsed = self.take(gm, collapsible, len(collapsible), inputs.example_inputs)
         done = {choice.target for choice in collapsed}
         entropy = {}  # module path -> the entropy of the (first) activation it feeds
         for node in activations:

@@ -64,7 +64,7 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight the module computes with: weight_orig * weight_mask where it is pruned."""
-    if prune.is_pruned(module) and hasattr(module, "weight_mask"):
+    if hasattr(module, "weight_mask"):
         return (module.weight_orig * module.weight_mask).detach()
     return module.weight.detach()
 
@@ -137,7 +137,7 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     weights the earlier one kept)."""
     for path, mask in masks.items():
         module = model.get_submodule(path)
-        if prune.is_pruned(module) and hasattr(module, "weight_mask"):
+        if hasattr(module, "weight_mask"):
             prune.remove(module, "weight")
         prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
 
