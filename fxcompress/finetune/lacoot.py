@@ -2,11 +2,14 @@
 
 Training minimises CE + weight * the mean, over the monitored residual blocks, of the max-sliced Wasserstein
 distance between each block's input and output (`criteria.block_distance`: POT, each sample flattened, the batch
-as the empirical distribution, p = 2). The published weights are 5 (ResNet-18) and 9 (MobileNetV2). The blocks are
-the residual adds of the captured graph with an identity shortcut (`monitored_blocks`); their inputs and outputs
+as the empirical distribution, p = 2). The published weights are 5 (ResNet-18) and 9 (MobileNetV2). A block is
+a module's chain of residual adds with identity shortcuts in the captured graph (`monitored_blocks`): one add in
+a ResNet or MobileNetV2 block, two in a transformer layer (attention, then MLP), so a transformer layer is
+regularised and removed whole. The block's input (the first add's shortcut) and output (the last add's result)
 are read from the trainable planned model at its call sites (`planned.recording`), so no architecture needs its
-own hooks. After training, blocks are replaced by their shortcut (`remove_block`), smallest distance first, the
-distances measured on calibration batches in eval mode (`block_distances`), without fine-tuning in the paper.
+own hooks. After training, blocks are replaced by their input (`remove_block` of each of their adds), smallest
+distance first, the distances measured on calibration batches in eval mode (`block_distances`), without
+fine-tuning in the paper.
 
 Differences from the published code, which hooks the block modules: the output read here is the add's result,
 before any activation that follows it (torchvision's BasicBlock applies a ReLU after its add): the tensor that
@@ -24,24 +27,50 @@ from ..blocks import residual_block
 from ..capture import is_planned
 from ..criteria import block_distance
 from ..errors import OptionError, PlanError, finite_number
-from ..graph import stable_name
+from ..graph import module_path, stable_name
 from ..plan import Plan
 from .planned import EvalMode, apply_plan, planned_graph, recording
 
 CALIBRATION_SEED = 0  # the projections of `block_distances`: the same for every batch and every call
 
 
-def monitored_blocks(gm: fx.GraphModule) -> list[str]:
-    """Stable names, in graph order, of the residual adds of `gm` (a captured graph with names and shapes: the
-    planned graph of a model, where removed blocks are gone) whose block `remove_block` can target and whose
-    shortcut is the block input itself. Blocks with a projection shortcut (torchvision's `downsample`) change
-    the shape of their input and are not monitored."""
-    names = []
+def monitored_blocks(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """The blocks of `gm` (a captured graph with names and shapes: the planned graph of a model, where removed
+    blocks are gone), in graph order: block name -> the stable names of its residual adds. The adds are those
+    `remove_block` can target whose shortcut is the block input itself; consecutive adds of one module form one
+    block where each reads the previous one's result as its shortcut (a transformer layer's attention and MLP).
+    A block is named by its module, or by its adds where its module holds several blocks. Adds with a
+    projection shortcut (torchvision's `downsample`) change the shape of their input and are not monitored."""
+    chains: list[list[fx.Node]] = []
     for node in gm.graph.nodes:
         block = residual_block(node)
-        if block and block[1] is block[0]:
-            names.append(stable_name(node))
-    return names
+        if not block or block[1] is not block[0]:
+            continue
+        if chains and block[0] is chains[-1][-1] and module_path(node) == module_path(block[0]):
+            chains[-1].append(node)
+        else:
+            chains.append([node])
+    modules = [module_path(chain[0]) for chain in chains]
+    return {module if module and modules.count(module) == 1 else "+".join(map(stable_name, chain)):
+            tuple(map(stable_name, chain)) for module, chain in zip(modules, chains)}
+
+
+def block_pairs(recorded: list, blocks: dict[str, tuple[str, ...]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(block, input, output) of each block forward in `recorded` (`planned.recording` of the first and last adds
+    of `blocks`): the first add's shortcut and the last add's result."""
+    starts = {adds[0]: block for block, adds in blocks.items()}
+    ends = {adds[-1]: block for block, adds in blocks.items()}
+    inputs, pairs = {}, []
+    for name, shortcut, result in recorded:
+        if name in starts:
+            inputs[starts[name]] = shortcut
+        if name in ends:
+            pairs.append((ends[name], inputs.pop(ends[name]), result))
+    return pairs
+
+
+def recorded_adds(blocks: dict[str, tuple[str, ...]]) -> set[str]:
+    return {name for adds in blocks.values() for name in (adds[0], adds[-1])}
 
 
 def positive_integer(name: str, value: object) -> int:
@@ -55,20 +84,20 @@ def planned_model(model: torch.nn.Module, example_inputs) -> torch.nn.Module:
 
 
 class BlockDistanceRegulariser:
-    """The LaCoOT penalty for `trainer.train(..., regulariser=)`: weight * the mean over the pairs recorded since
-    the last call of the block distances of the monitored blocks (`blocks`, default `monitored_blocks` of the
-    model's planned graph). The projections are drawn afresh for each block and batch, from seeds drawn from
+    """The LaCoOT penalty for `trainer.train(..., regulariser=)`: weight * the mean over the block forwards
+    recorded since the last call of the block distances of the monitored blocks (`blocks`: name -> adds, default
+    `monitored_blocks` of the model's planned graph). The projections are drawn afresh for each block and batch, from seeds drawn from
     torch's global RNG (`train` seeds it, so runs repeat); POT's generator makes them. The penalty is computed in
     float32. `model` must be planned (`apply_plan`); weight 0 is refused (train without a regulariser)."""
 
     def __init__(self, model: torch.nn.Module, example_inputs, weight: float, projections: int = 50,
-                 blocks: list[str] | None = None):
+                 blocks: dict[str, tuple[str, ...]] | None = None):
         if not is_planned(model):
             raise PlanError("the LaCoOT regulariser needs a planned model (made by apply_plan)")
         if not finite_number("LaCoOT weight", weight) > 0:
             raise OptionError(f"LaCoOT weight must be > 0 (0 is training without the regulariser), got {weight!r}")
         self.weight, self.projections = float(weight), positive_integer("projections", projections)
-        self.blocks = monitored_blocks(planned_graph(model, example_inputs)) if blocks is None else list(blocks)
+        self.blocks = monitored_blocks(planned_graph(model, example_inputs)) if blocks is None else dict(blocks)
         if not self.blocks:
             raise OptionError("the model has no residual block with an identity shortcut for LaCoOT to regularise")
         self.recorded: list | None = None
@@ -76,7 +105,7 @@ class BlockDistanceRegulariser:
     @contextmanager
     def watching(self, model: torch.nn.Module) -> Iterator["BlockDistanceRegulariser"]:
         """Record the monitored blocks of `model` (the planned model itself, not a DDP wrapper) while open."""
-        with recording(model, self.blocks) as recorded:
+        with recording(model, recorded_adds(self.blocks)) as recorded:
             self.recorded = recorded
             try:
                 yield self
@@ -90,7 +119,7 @@ class BlockDistanceRegulariser:
         if not self.recorded:
             raise PlanError("no block was recorded: penalty() must follow a forward of the watched model")
         distances = [block_distance(x.float(), y.float(), self.projections, seed=_draw_seed())
-                     for _, x, y in self.recorded]
+                     for _, x, y in block_pairs(self.recorded, self.blocks)]
         self.recorded.clear()
         return self.weight * torch.stack(distances).mean()
 
@@ -107,19 +136,20 @@ def block_distances(model: torch.nn.Module, example_inputs, batches, projections
     return measured_distances(planned, monitored_blocks(planned_graph(planned, example_inputs)), batches, projections)
 
 
-def measured_distances(model: torch.nn.Module, names: list[str], batches, projections: int) -> dict[str, float]:
-    if not names:
+def measured_distances(model: torch.nn.Module, blocks: dict[str, tuple[str, ...]], batches,
+                       projections: int) -> dict[str, float]:
+    if not blocks:
         return {}
     device = next(model.parameters()).device
-    totals = {name: [] for name in names}
-    with EvalMode(model), torch.no_grad(), recording(model, names) as recorded:
+    totals = {name: [] for name in blocks}
+    with EvalMode(model), torch.no_grad(), recording(model, recorded_adds(blocks)) as recorded:
         for batch in batches:
             batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
             model(*(tensor.to(device) for tensor in batch))
-            for name, x, y in recorded:
+            for name, x, y in block_pairs(recorded, blocks):
                 totals[name].append(float(block_distance(x.float(), y.float(), projections, seed=CALIBRATION_SEED)))
             recorded.clear()
-    if not totals[names[0]]:
+    if not next(iter(totals.values())):
         raise OptionError("block distances need at least one calibration batch")
     means = {name: sum(values) / len(values) for name, values in totals.items()}
     for name, mean in means.items():

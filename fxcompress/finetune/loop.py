@@ -120,6 +120,11 @@ class PruneResult:
     trajectory: Trajectory
 
 
+def removed_blocks(plan: Plan) -> int:
+    """The modules whose residual adds `plan` removes: the blocks removed (a transformer layer has two adds)."""
+    return len({target.rsplit(":", 1)[0] for target in plan.targets("remove_block")})
+
+
 def _decisions(choices: list) -> tuple[Decision, ...]:
     return tuple(decision for choice in choices for decision in choice.decisions)
 
@@ -138,22 +143,29 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 class _BuiltIn:
-    """Training and evaluation by the built-in trainer on `data` (train, validation, test splits)."""
+    """Training and evaluation by the built-in trainer on `data` (train, validation, test splits): accuracy, or
+    the `objective`'s score."""
 
-    def __init__(self, data, config: TrainConfig, device: str):
-        self.data, self.config, self.device = data, config, device
+    def __init__(self, data, config: TrainConfig, device: str, objective=None):
+        self.data, self.config, self.device, self.objective = data, config, device, objective
         self.teacher = None  # the dense model, distilled where config.distill > 0
 
     def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None) -> None:
         train(model, self.data.train, self.config, epochs, seed=seed, device=self.device,
               find_unused_parameters=bool(plan_of(model).targets("remove_block")),
-              teacher=self.teacher if self.config.distill else None, regulariser=regulariser)
+              teacher=self.teacher if self.config.distill else None, regulariser=regulariser,
+              objective=self.objective)
 
     def validation(self, model: torch.nn.Module) -> float:
-        return evaluate_on(model, self.data.validation, device=self.device).accuracy
+        return self.score(model, self.data.validation)
 
     def test(self, model: torch.nn.Module) -> float:
-        return evaluate_on(model, self.data.test, device=self.device).accuracy
+        return self.score(model, self.data.test)
+
+    def score(self, model: torch.nn.Module, split) -> float:
+        if self.objective is not None:
+            return self.objective.score(model, _in_order(split, self.config.batch_size), self.device)
+        return evaluate_on(model, split, device=self.device).accuracy
 
 
 class _Callables:
@@ -188,10 +200,14 @@ def _in_order(split, batch_size: int) -> DataLoader:
     return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate_fn(split, train=False))
 
 
-def _calibration(data, count: int, batch_size: int) -> tuple[list, tuple | None]:
-    """The first `count` training batches (inputs only) and the first validation batch, fixed for the run."""
-    batches = [(images,) for images, _ in itertools.islice(_in_order(data.train, batch_size), count)]
-    return batches, tuple(next(iter(_in_order(data.validation, batch_size))))
+def _calibration(data, count: int, batch_size: int, objective=None) -> tuple[list, tuple | None]:
+    """The first `count` training batches (the model's inputs: the images, or the objective's inputs made from
+    them with a fixed seed) and the first validation batch, fixed for the run."""
+    batches = itertools.islice(_in_order(data.train, batch_size), count)
+    if objective is None:
+        return [(images,) for images, _ in batches], tuple(next(iter(_in_order(data.validation, batch_size))))
+    generator = torch.Generator().manual_seed(objective.seed)
+    return [objective.model_inputs(images, labels, generator) for images, labels in batches], None
 
 
 class _Loop:
@@ -293,7 +309,7 @@ class _Loop:
         before = self.dense_report.before
         after = result.report.after
         metrics = {"activations_linearised": len(plan_of(model).targets("linearize")),
-                   "blocks_removed": len(plan_of(model).targets("remove_block")), "sparsity": weight_sparsity(model),
+                   "blocks_removed": removed_blocks(plan_of(model)), "sparsity": weight_sparsity(model),
                    "activations": after.activations, "weight_layers": after.weight_layers, "depth": after.depth,
                    "params": after.params, "macs": after.macs, "macs_ratio": after.macs / before.macs,
                    "dense_weight_layers": before.weight_layers}
@@ -390,20 +406,27 @@ class _Loop:
 def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", data=None,
           train_config: TrainConfig | None = None, finetune: Callable | None = None,
           evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
-          out: str | Path | None = None, resume: bool = False, device: str = "cpu", progress: bool = True,
-          **options) -> PruneResult:
+          objective=None, out: str | Path | None = None, resume: bool = False, device: str = "cpu",
+          progress: bool = True, **options) -> PruneResult:
     """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
     "dsd2", "random", "control") by the fine-tuning loop (module docstring). DSD² distils with its alpha and T
     unless `train_config` sets its own distillation. Options are the fields of `LoopConfig`. Give either `data`
     (an object with `train`, `validation` and `test`: datasets, as `data.fashion_mnist_splits` returns, or
     DataLoaders, used as they are, for the built-in trainer configured by `train_config`) or `finetune` and
-    `evaluate` callables (then `calibration` batches for the methods that measure). `progress` prints a line per
+    `evaluate` callables (then `calibration` batches for the methods that measure). With the built-in trainer,
+    `objective` (`objectives.Denoising`: a diffusion model's denoiser) replaces classification: its loss trains,
+    its score validates and tests, and calibration batches are its model inputs. `progress` prints a line per
     step and shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
     modified."""
     config = LoopConfig(method=method, **options)
     if (data is None) == (finetune is None or evaluate is None):
         raise OptionError("give either data= (for the built-in trainer) or finetune= and evaluate= callables")
+    if objective is not None and data is None:
+        raise OptionError("an objective is trained by the built-in trainer: give data=, not finetune= callables")
     chosen = config.make_method()
+    if objective is not None and chosen.distillation:
+        raise OptionError(f"method {method!r} distils a classifier's logits: it cannot train the {objective.name} "
+                          "objective")
     if data is None and chosen.needs_trainer:
         raise OptionError(f"method {method!r} trains with its own loss (distillation or a regulariser): it needs "
                           "the built-in trainer (data=), not finetune= callables")
@@ -412,8 +435,9 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
         if chosen.distillation and not train_config.distill:
             weight, temperature = chosen.distillation
             train_config = dataclasses.replace(train_config, distill=weight, temperature=temperature)
-        runner = _BuiltIn(data, train_config, device)
-        calibration, validation_batch = _calibration(data, config.calibration_batches, train_config.batch_size)
+        runner = _BuiltIn(data, train_config, device, objective)
+        calibration, validation_batch = _calibration(data, config.calibration_batches, train_config.batch_size,
+                                                     objective)
     else:
         runner, validation_batch = _Callables(finetune, evaluate, test), None
         calibration = [batch if isinstance(batch, tuple) else (batch,) for batch in (calibration or [])]
@@ -424,6 +448,8 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
         loop.resume()
     if data is not None:
         loop.trajectory.training = train_config.to_dict()
+        if objective is not None:
+            loop.trajectory.training["objective"] = objective.describe()
     loop.run()
     return loop.result()
 

@@ -63,7 +63,7 @@ JOINT_LIMIT = 12  # single candidates whose MACs after merging the latency selec
 
 @dataclass(frozen=True)
 class Choice:
-    target: str  # the activation chosen
+    target: str  # the activation or block chosen
     decisions: tuple[Decision, ...]
     score: float  # the criterion's score (lower goes first); nan for random
     masks: dict | None = None  # weight masks by module path (pruning methods), applied with the decisions
@@ -203,7 +203,7 @@ def _validation_loss(model: torch.nn.Module, inputs: StepInputs) -> float:
 
 class Lacoot(Method):
     """LaCoOT's choices: the monitored blocks still present, smallest block distance first, each removed by
-    `remove_block`; the distances are measured on the step's calibration batches (`block_distances`).
+    `remove_block` of its adds (a transformer layer's attention and MLP together); the distances are measured on the step's calibration batches (`block_distances`).
     `regulariser` gives the training penalty of weight `weight` (None at weight 0: plain training, the
     baseline), with `projections` random projections."""
 
@@ -219,8 +219,9 @@ class Lacoot(Method):
         if not inputs.calibration:
             raise OptionError("method 'lacoot' needs calibration batches")
         planned = planned_model(model, inputs.example_inputs)
-        distances = measured_distances(planned, monitored_blocks(gm), inputs.calibration, self.projections)
-        return [Choice(name, (Decision("remove_block", name),), distance)
+        blocks = monitored_blocks(gm)
+        distances = measured_distances(planned, blocks, inputs.calibration, self.projections)
+        return [Choice(name, tuple(Decision("remove_block", add) for add in blocks[name]), distance)
                 for distance, name in sorted((distance, name) for name, distance in distances.items())]
 
     @property

@@ -7,7 +7,8 @@ state: the same seed gives the same batches and, on CPU, the same final weights,
 left as it was. Under an initialised torch.distributed process group, `train` uses a DistributedSampler and
 wraps the model in DistributedDataParallel for the run (unwrapped after: the caller keeps its module), and
 `evaluate` shards the data over the ranks and sums the counts, so every rank gets the same numbers. A
-regulariser (LaCoOT's block distance: `lacoot.BlockDistanceRegulariser`) adds a penalty to the loss.
+regulariser (LaCoOT's block distance: `lacoot.BlockDistanceRegulariser`) adds a penalty to the loss, and an
+objective (`objectives.Denoising`) replaces the cross-entropy of a classifier by its own loss.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class Evaluation:
 
 def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, epochs: int, *, seed: int,
           device: str | torch.device = "cpu", find_unused_parameters: bool = False,
-          teacher: nn.Module | None = None, regulariser: Regulariser | None = None) -> dict:
+          teacher: nn.Module | None = None, regulariser: Regulariser | None = None, objective=None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
     {"epoch_losses": mean training loss of each epoch (averaged over ranks), "batches": batches per rank}.
 
@@ -130,7 +131,9 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
     without gradients) is distilled into the model. A DataLoader is used as it is (its batches, shuffling and
     sampler: under a process group, give it a DistributedSampler); `config.batch_size` applies to datasets.
     A `regulariser` (`Regulariser`) watches the model during the run and its penalty is added to each batch's
-    loss (the epoch losses include it); its random draws come from the seeded RNG, so runs repeat.
+    loss (the epoch losses include it); its random draws come from the seeded RNG, so runs repeat. An
+    `objective` (`objectives.Denoising`) computes each batch's loss from (model, inputs, labels) instead of the
+    cross-entropy; it draws from the seeded RNG too, and cannot be combined with distillation.
     """
     device = _resolve(device)
     amp_dtype = _amp_dtype(config.amp, device)
@@ -143,9 +146,11 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
     if config.distill and teacher is None:
         raise OptionError("option 'distill' needs a teacher model")
+    if config.distill and objective is not None:
+        raise OptionError(f"distillation matches a classifier's logits: it cannot train the {objective.name} objective")
     if teacher is not None and config.distill:
         teacher = teacher.to(device).eval()
-    step = _Step(optimizer, scheduler, amp_dtype, config, teacher if config.distill else None, regulariser)
+    step = _Step(optimizer, scheduler, amp_dtype, config, teacher if config.distill else None, regulariser, objective)
     runner = _wrap(model, device, find_unused_parameters)
     losses = []
     watching = regulariser.watching(model) if regulariser is not None else nullcontext()
@@ -218,25 +223,21 @@ def lr_factor(config: TrainConfig, progress: float) -> float:
 
 
 class _Step:
-    """One optimisation step: forward under autocast, loss (plus the regulariser's penalty, outside autocast),
-    backward (scaled for float16), optimiser and schedule."""
+    """One optimisation step: forward under autocast, loss (the objective's, else cross-entropy, plus the
+    regulariser's penalty, outside autocast), backward (scaled for float16), optimiser and schedule."""
 
     def __init__(self, optimizer, scheduler, amp_dtype: torch.dtype | None, config: TrainConfig,
-                 teacher: nn.Module | None, regulariser: Regulariser | None = None) -> None:
+                 teacher: nn.Module | None, regulariser: Regulariser | None = None, objective=None) -> None:
         self.optimizer, self.scheduler, self.amp_dtype = optimizer, scheduler, amp_dtype
-        self.config, self.teacher, self.regulariser = config, teacher, regulariser
+        self.config, self.teacher, self.regulariser, self.objective = config, teacher, regulariser, objective
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def __call__(self, runner: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(inputs.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = runner(inputs)
-            if self.teacher is not None:
-                with torch.no_grad():
-                    targets = self.teacher(inputs)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
-        if self.teacher is not None:
-            loss = (1 - self.config.distill) * loss + self.config.distill * distillation(
-                logits.float(), targets.float(), self.config.temperature)
+            if self.objective is not None:
+                loss = self.objective.loss(runner, inputs, labels).float()
+            else:
+                loss = self.classification_loss(runner, inputs, labels)
         if self.regulariser is not None:
             loss = loss + self.regulariser.penalty()
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,6 +246,16 @@ class _Step:
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+    def classification_loss(self, runner: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = runner(inputs).float()
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+        if self.teacher is not None:
+            with torch.no_grad():
+                targets = self.teacher(inputs).float()
+            loss = (1 - self.config.distill) * loss + self.config.distill * distillation(
+                logits, targets, self.config.temperature)
+        return loss
 
 
 def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,0 +1,237 @@
+"""Transformer layers as LaCoOT blocks (attention and MLP removed together) and LaCoOT on a diffusers DiT trained by
+the loop with the denoising objective. References: the same models with layers deleted by hand, hooks on the layer
+modules, POT called directly, and a DDPM loss written out here."""
+import copy
+from types import SimpleNamespace
+
+import ot
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxcompress
+from fxcompress.errors import OptionError
+from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances, monitored_blocks
+from fxcompress.finetune.methods import Lacoot, StepInputs
+from fxcompress.finetune.objectives import Denoising
+from fxcompress.finetune.planned import apply_plan, planned_graph
+from fxcompress.finetune.trainer import TrainConfig, train
+from fxcompress.plan import Plan
+from helpers import relative_error
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def torchvision_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=3, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision initialises the head to zeros
+    return model
+
+
+def timm_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3,
+                                                            num_heads=2, mlp_ratio=2.0, num_classes=5).eval()
+
+
+VITS = {"torchvision": (torchvision_vit, lambda model: model.encoder.layers, "encoder.layers.encoder_layer_{}"),
+        "timm": (timm_vit, lambda model: model.blocks, "blocks.{}")}
+images = (torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)),)
+
+
+def without_layer(model: nn.Module, layers, index: int) -> nn.Module:
+    """A copy of `model` whose layer `index` (in the container `layers` returns) is the identity."""
+    copied = copy.deepcopy(model)
+    container = layers(copied)
+    container[index] = nn.Identity()
+    return copied
+
+
+@pytest.mark.parametrize("family", list(VITS))
+def test_a_vit_layer_is_one_block_of_its_attention_and_mlp_adds(family):
+    build, _, name = VITS[family]
+    blocks = monitored_blocks(planned_graph(build(), images))
+    assert list(blocks) == [name.format(i) for i in range(3)]
+    assert all(len(adds) == 2 and adds[0].startswith(block) for block, adds in blocks.items())
+
+
+@pytest.mark.parametrize("family", list(VITS))
+def test_block_distances_are_between_the_layer_input_and_output(family):
+    build, layers, name = VITS[family]
+    model = build()
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda module, args, out, i=i: seen.update({i: (args[0], out)}))
+             for i, layer in enumerate(layers(model))]
+    with torch.no_grad():
+        model(*images)
+    for hook in hooks:
+        hook.remove()
+    distances = block_distances(model, images, [images])
+    for i, (inputs, outputs) in seen.items():
+        direct = ot.max_sliced_wasserstein_distance(inputs.flatten(1), outputs.flatten(1), n_projections=50, p=2,
+                                                    seed=0)
+        assert distances[name.format(i)] == pytest.approx(float(direct), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", list(VITS))
+def test_removing_the_nearest_layer_drops_its_attention_and_mlp(family):
+    build, layers, name = VITS[family]
+    model = build()
+    with torch.no_grad():  # layer 1 made nearly the identity: its two residual branches scaled down
+        for parameter in layers(model)[1].parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(0.05)
+    planned = apply_plan(model, Plan(), images)
+    chosen, = Lacoot().choose(planned, StepInputs(images, [images], None, None), 1)
+    assert chosen.target == name.format(1) and len(chosen.decisions) == 2
+    removed = fxcompress.compress(apply_plan(planned, Plan(chosen.decisions), images), images)
+    reference = without_layer(model, layers, 1)
+    fresh = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert relative_error(reference(fresh), removed.module(fresh)) <= 1e-5
+    assert removed.report.after.weight_layers == fxcompress.compress(reference, images).report.after.weight_layers
+
+
+def test_the_penalty_of_a_vit_is_the_mean_layer_distance():
+    model = apply_plan(torchvision_vit(), Plan(), images).train()
+    regulariser = BlockDistanceRegulariser(model, images, weight=2.0)
+    seen = []
+    hooks = [layer.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+             for layer in model.encoder.layers]
+    torch.manual_seed(5)
+    with regulariser.watching(model):
+        model(*images)
+        penalty = regulariser.penalty()
+    for hook in hooks:
+        hook.remove()
+    torch.manual_seed(5)
+    seeds = [int(torch.randint(2 ** 31 - 1, ())) for _ in seen]
+    direct = torch.stack([ot.max_sliced_wasserstein_distance(i.flatten(1), o.flatten(1), n_projections=50, p=2,
+                                                             seed=seed) for (i, o), seed in zip(seen, seeds)])
+    assert penalty.item() == pytest.approx(2.0 * direct.mean().item(), rel=1e-5)
+
+
+class Denoiser(nn.Module):
+    """A diffusers DiT called as model(noisy, timesteps, labels) -> predicted noise."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, sample, timestep, class_labels):
+        return self.dit(sample, timestep=timestep, class_labels=class_labels).sample
+
+
+def tiny_dit() -> Denoiser:
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                          num_layers=3, sample_size=16, patch_size=4, num_embeds_ada_norm=10,
+                                          norm_num_groups=8)
+    return Denoiser(dit).eval()
+
+
+SCHEDULE = diffusers.DDPMScheduler(num_train_timesteps=100)
+
+
+def denoising_data():
+    generator = torch.Generator().manual_seed(0)
+    clean, labels = torch.rand(48, 1, 16, 16, generator=generator) * 2 - 1, torch.randint(0, 10, (48,),
+                                                                                          generator=generator)
+    return SimpleNamespace(train=TensorDataset(clean, labels), validation=TensorDataset(clean[:16], labels[:16]),
+                           test=TensorDataset(clean[16:32], labels[16:32]))
+
+
+def example_inputs(batch: int = 8) -> tuple:
+    generator = torch.Generator().manual_seed(2)
+    return (torch.randn(batch, 1, 16, 16, generator=generator), torch.randint(0, 100, (batch,), generator=generator),
+            torch.randint(0, 10, (batch,), generator=generator))
+
+
+@torch.no_grad()
+def sample(denoiser, labels: torch.Tensor, steps: int = 4, seed: int = 0) -> torch.Tensor:
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=100)
+    scheduler.set_timesteps(steps)
+    images = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    for t in scheduler.timesteps:
+        images = scheduler.step(denoiser(images, t.repeat(len(labels)), labels), t, images).prev_sample
+    return images
+
+
+def test_the_denoising_loss_and_score_are_the_ddpm_error_written_out():
+    objective = Denoising(SCHEDULE.alphas_cumprod, seed=3)
+    model, data = tiny_dit(), denoising_data()
+    clean, labels = data.validation.tensors
+    generator = torch.Generator().manual_seed(3)
+    draws = [(torch.randint(100, (1,), generator=generator), torch.randn(1, 16, 16, generator=generator))
+             for _ in range(16)]
+    t, noise = torch.cat([t for t, _ in draws]), torch.stack([n for _, n in draws])
+    alpha = SCHEDULE.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        expected = F.mse_loss(model(alpha.sqrt() * clean + (1 - alpha).sqrt() * noise, t, labels), noise)
+    assert objective.score(model, data.validation) == pytest.approx(-expected.item(), rel=1e-5)
+    assert objective.score(model, DataLoader(data.validation, batch_size=5)) == pytest.approx(-expected.item(), rel=1e-5)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        loss = objective.loss(model, clean, labels)
+    torch.manual_seed(4)
+    t = torch.randint(100, (16,))
+    noise = torch.randn(clean.shape)
+    alpha = SCHEDULE.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(F.mse_loss(model(alpha.sqrt() * clean + (1 - alpha).sqrt() * noise, t,
+                                                             labels), noise).item(), rel=1e-5)
+
+
+def test_lacoot_on_a_dit_removes_the_chosen_layer_and_the_model_still_samples():
+    model = tiny_dit()
+    with torch.no_grad():  # block 2 nearly the identity
+        for parameter in model.dit.transformer_blocks[2].parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(0.05)
+    data, example = denoising_data(), example_inputs()
+    objective = Denoising(SCHEDULE.alphas_cumprod)
+    result = fxcompress.prune(model, example, method="lacoot", data=data, objective=objective, lacoot_weight=1.0,
+                              epochs_per_step=0, steps=1, max_drop=1.0, progress=False,
+                              train_config=TrainConfig(batch_size=8, optimizer="adamw", lr=1e-3, progress=False))
+    steps = result.trajectory.steps
+    assert steps[1]["chosen"] == ["dit.transformer_blocks.2"] and steps[1]["blocks_removed"] == 1
+    assert steps[1]["validation"] < 0 and steps[1]["validation"] == objective.score(result.model, data.validation)
+    reference = copy.deepcopy(model)
+    del reference.dit.transformer_blocks[2]
+    compressed = fxcompress.compress(result.model, example)
+    fresh = example_inputs(4)
+    labels = torch.arange(4)
+    with torch.no_grad():
+        assert relative_error(reference(*fresh), compressed.module(*fresh)) <= 1e-5
+        removed, original = sample(compressed.module, labels), sample(model, labels)
+    assert removed.shape == (4, 1, 16, 16) and torch.isfinite(removed).all()
+    assert relative_error(sample(reference, labels), removed) <= 1e-5
+    assert not torch.allclose(removed, original, atol=1e-3)
+
+
+def test_the_denoising_objective_trains_with_the_lacoot_penalty():
+    model = apply_plan(tiny_dit(), Plan(), example_inputs())
+    before = copy.deepcopy(model.dit.transformer_blocks[0].ff.net[2].weight)
+    regulariser = Lacoot(weight=1.0).regulariser(model, example_inputs())
+    assert list(regulariser.blocks) == [f"dit.transformer_blocks.{i}" for i in range(3)]
+    result = train(model, denoising_data().train, TrainConfig(batch_size=8, max_batches=2, progress=False), 1, seed=0,
+                   regulariser=regulariser, objective=Denoising(SCHEDULE.alphas_cumprod))
+    assert torch.isfinite(torch.tensor(result["epoch_losses"])).all()
+    assert not torch.equal(before, model.dit.transformer_blocks[0].ff.net[2].weight)
+
+
+def test_the_denoising_objective_refuses_what_it_cannot_train():
+    with pytest.raises(OptionError, match="alphas_cumprod"):
+        Denoising(torch.tensor([0.5, 1.5]))
+    with pytest.raises(OptionError, match="distils"):
+        fxcompress.prune(tiny_dit(), example_inputs(), method="dsd2", data=denoising_data(),
+                         objective=Denoising(SCHEDULE.alphas_cumprod), progress=False)
+    with pytest.raises(OptionError, match="built-in trainer"):
+        fxcompress.prune(tiny_dit(), example_inputs(), method="easier", finetune=lambda model: None,
+                         evaluate=lambda model: 1.0, objective=Denoising(SCHEDULE.alphas_cumprod), progress=False)
