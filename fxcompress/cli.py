@@ -23,7 +23,7 @@ from .backends.tensorrt import save_engine
 from .capture import export_program, private_copy
 from .errors import FxCompressError, OptionError
 from .measure import measure
-from .models import load_model
+from .models import call_reference, load_model
 from .plan import Plan
 
 
@@ -207,11 +207,16 @@ def prune_command(args) -> int:
                                label_smoothing=args.label_smoothing, distill=args.distill,
                                temperature=args.temperature, batch_size=args.batch_size,
                                max_batches=args.max_batches, progress=distributed.is_main())
-    data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
-                                test_samples=args.test_samples, seed=args.seed, flip=True)
-    model = with_classes(load_model(args.model), data.classes)
-    example = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)),)
-    result = prune(model, example, method=args.method, data=data, train_config=train_config, out=out,
+    if args.data == "fashion-mnist":
+        data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
+                                    test_samples=args.test_samples, seed=args.seed, flip=True)
+        model = with_classes(load_model(args.model), data.classes)
+        example, objective = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)),), None
+    else:
+        data = load_task(args.data)
+        model, example, objective = load_model(args.model), tuple(data.example), getattr(data, "objective", None)
+    result = prune(model, example, method=args.method, data=data, objective=objective, train_config=train_config,
+                   out=out,
                    resume=args.resume, device=str(distributed.device_for_rank()), steps=args.steps,
                    per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
@@ -233,6 +238,24 @@ def prune_command(args) -> int:
         print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {out / 'model.pt'}, {artifact}")
     distributed.shutdown()
     return 0
+
+
+TASK_FIELDS = ("train", "validation", "test", "example")
+
+
+def load_task(reference: str):
+    """The task of `--data package.module:factory`: an object with train, validation and test datasets and the
+    model's example inputs, optionally an objective."""
+    if ":" not in reference:
+        raise OptionError(f"--data must be fashion-mnist or package.module:factory, got {reference!r}")
+    task = call_reference(reference, "data reference")
+    splits = (torch.utils.data.Dataset, torch.utils.data.DataLoader)
+    missing = [name for name in TASK_FIELDS if not (isinstance(getattr(task, name, None), splits)
+                                                    if name != "example" else hasattr(task, name))]
+    if missing:
+        raise OptionError(f"{reference} returned a {type(task).__name__} without {', '.join(missing)}: a task has "
+                          "train, validation and test (datasets or DataLoaders), example and optionally objective")
+    return task
 
 
 def _checked(text: str, convert, accept, expected: str):
@@ -331,8 +354,12 @@ def _prune_parser(commands) -> None:
     sub.add_argument("model", nargs="?", default=None,
                      help="as for compress; its last linear layer is replaced to fit the data set's classes")
     sub.add_argument("--method", choices=list(METHODS), default="easier")
-    sub.add_argument("--data", choices=["fashion-mnist"], default="fashion-mnist")
-    sub.add_argument("--size", type=_positive_int, default=64, help="input resolution")
+    sub.add_argument("--data", default="fashion-mnist",
+                     help="fashion-mnist (3 x size x size, ImageNet-normalised; the model's head is fitted to its "
+                          "10 classes), or package.module:factory returning a task: train, validation and test "
+                          "datasets, the model's example inputs (example) and optionally an objective "
+                          "(fxcompress.finetune.objectives.Denoising for a diffusion denoiser)")
+    sub.add_argument("--size", type=_positive_int, default=64, help="input resolution (fashion-mnist)")
     sub.add_argument("--out", required=True, help="run folder: checkpoint, trajectory, plan, weights, artifact")
     sub.add_argument("--resume", action="store_true", help="continue the run in --out")
     sub.add_argument("--force", action="store_true", help="start over, deleting the run in --out")
@@ -356,9 +383,9 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--lacoot-weight", type=_non_negative, default=9.0,
                      help="LaCoOT's lambda (0: plain training, the baseline)")
     sub.add_argument("--projections", type=_positive_int, default=50, help="LaCoOT's max-sliced projections")
-    sub.add_argument("--train-samples", type=_positive_int, help="cap on the training split (per epoch)")
-    sub.add_argument("--validation-samples", type=_positive_int, default=2000)
-    sub.add_argument("--test-samples", type=_positive_int, help="cap on the test split (default: all 10k)")
+    sub.add_argument("--train-samples", type=_positive_int, help="cap on the training split (fashion-mnist)")
+    sub.add_argument("--validation-samples", type=_positive_int, default=2000, help="(fashion-mnist)")
+    sub.add_argument("--test-samples", type=_positive_int, help="cap on the test split (fashion-mnist; default: all 10k)")
     sub.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
     sub.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
     sub.add_argument("--lr", type=float, default=0.01)

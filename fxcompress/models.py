@@ -106,21 +106,27 @@ def _first_line(error: BaseException) -> str:
 
 
 def _from_factory(reference: str) -> torch.nn.Module:
+    model = call_reference(reference, "model reference")
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def call_reference(reference: str, what: str):
+    """What `package.module:factory` returns when called without arguments (imported from the current directory
+    too); an OptionError saying why where it cannot be imported or called."""
     module_name, _, factory_name = reference.partition(":")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as error:  # user code: any failure at import means the reference is unusable
-        raise OptionError(f"cannot import {module_name!r} (model reference {reference!r}): "
+        raise OptionError(f"cannot import {module_name!r} ({what} {reference!r}): "
                           f"{_first_line(error)}") from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):
-        raise OptionError(f"{module_name!r} has no callable {factory_name!r} (model reference {reference!r})")
+        raise OptionError(f"{module_name!r} has no callable {factory_name!r} ({what} {reference!r})")
     try:
-        model = factory()
+        return factory()
     except (Exception, SystemExit) as error:  # user code: any failure means the reference is unusable
         raise OptionError(f"{reference}() raised {_first_line(error)}") from error
-    if not isinstance(model, torch.nn.Module):
-        raise OptionError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()

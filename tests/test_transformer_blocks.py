@@ -2,8 +2,10 @@
 the loop with the denoising objective. References: the same models with layers deleted by hand, hooks on the layer
 modules, POT called directly, and a DDPM loss written out here."""
 import copy
-from types import SimpleNamespace
-
+import json
+import subprocess
+import sys
+from pathlib import Path
 import ot
 import pytest
 import timm
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import fxcompress
 from fxcompress.errors import OptionError
@@ -22,6 +24,7 @@ from fxcompress.finetune.planned import apply_plan, planned_graph
 from fxcompress.finetune.trainer import TrainConfig, train
 from fxcompress.plan import Plan
 from helpers import relative_error
+from loop_models import denoiser_inputs, denoising_task, noise_schedule, tiny_dit
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -117,40 +120,7 @@ def test_the_penalty_of_a_vit_is_the_mean_layer_distance():
     assert penalty.item() == pytest.approx(2.0 * direct.mean().item(), rel=1e-5)
 
 
-class Denoiser(nn.Module):
-    """A diffusers DiT called as model(noisy, timesteps, labels) -> predicted noise."""
-
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, sample, timestep, class_labels):
-        return self.dit(sample, timestep=timestep, class_labels=class_labels).sample
-
-
-def tiny_dit() -> Denoiser:
-    torch.manual_seed(0)
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                          num_layers=3, sample_size=16, patch_size=4, num_embeds_ada_norm=10,
-                                          norm_num_groups=8)
-    return Denoiser(dit).eval()
-
-
-SCHEDULE = diffusers.DDPMScheduler(num_train_timesteps=100)
-
-
-def denoising_data():
-    generator = torch.Generator().manual_seed(0)
-    clean, labels = torch.rand(48, 1, 16, 16, generator=generator) * 2 - 1, torch.randint(0, 10, (48,),
-                                                                                          generator=generator)
-    return SimpleNamespace(train=TensorDataset(clean, labels), validation=TensorDataset(clean[:16], labels[:16]),
-                           test=TensorDataset(clean[16:32], labels[16:32]))
-
-
-def example_inputs(batch: int = 8) -> tuple:
-    generator = torch.Generator().manual_seed(2)
-    return (torch.randn(batch, 1, 16, 16, generator=generator), torch.randint(0, 100, (batch,), generator=generator),
-            torch.randint(0, 10, (batch,), generator=generator))
+SCHEDULE = noise_schedule()
 
 
 @torch.no_grad()
@@ -165,7 +135,7 @@ def sample(denoiser, labels: torch.Tensor, steps: int = 4, seed: int = 0) -> tor
 
 def test_the_denoising_loss_and_score_are_the_ddpm_error_written_out():
     objective = Denoising(SCHEDULE.alphas_cumprod, seed=3)
-    model, data = tiny_dit(), denoising_data()
+    model, data = tiny_dit(), denoising_task()
     clean, labels = data.validation.tensors
     generator = torch.Generator().manual_seed(3)
     draws = [(torch.randint(100, (1,), generator=generator), torch.randn(1, 16, 16, generator=generator))
@@ -188,24 +158,27 @@ def test_the_denoising_loss_and_score_are_the_ddpm_error_written_out():
                                                              labels), noise).item(), rel=1e-5)
 
 
-def test_lacoot_on_a_dit_removes_the_chosen_layer_and_the_model_still_samples():
+def test_lacoot_on_a_dit_removes_the_chosen_layer_and_the_model_still_samples(tmp_path):
     model = tiny_dit()
     with torch.no_grad():  # block 2 nearly the identity
         for parameter in model.dit.transformer_blocks[2].parameters():
             if parameter.dim() == 2:
                 parameter.mul_(0.05)
-    data, example = denoising_data(), example_inputs()
+    data, example = denoising_task(), denoiser_inputs()
     objective = Denoising(SCHEDULE.alphas_cumprod)
     result = fxcompress.prune(model, example, method="lacoot", data=data, objective=objective, lacoot_weight=1.0,
-                              epochs_per_step=0, steps=1, max_drop=1.0, progress=False,
+                              epochs_per_step=0, steps=1, max_drop=1.0, progress=False, out=tmp_path,
+                              save_steps=True,
                               train_config=TrainConfig(batch_size=8, optimizer="adamw", lr=1e-3, progress=False))
     steps = result.trajectory.steps
     assert steps[1]["chosen"] == ["dit.transformer_blocks.2"] and steps[1]["blocks_removed"] == 1
     assert steps[1]["validation"] < 0 and steps[1]["validation"] == objective.score(result.model, data.validation)
+    saved = [torch.load(tmp_path / "steps" / f"{step}.pt", weights_only=False) for step in (0, 1)]
+    assert [len(state["plan"]["decisions"]) for state in saved] == [0, 2] and saved[1]["step"] == 1
     reference = copy.deepcopy(model)
     del reference.dit.transformer_blocks[2]
     compressed = fxcompress.compress(result.model, example)
-    fresh = example_inputs(4)
+    fresh = denoiser_inputs(4)
     labels = torch.arange(4)
     with torch.no_grad():
         assert relative_error(reference(*fresh), compressed.module(*fresh)) <= 1e-5
@@ -216,11 +189,11 @@ def test_lacoot_on_a_dit_removes_the_chosen_layer_and_the_model_still_samples():
 
 
 def test_the_denoising_objective_trains_with_the_lacoot_penalty():
-    model = apply_plan(tiny_dit(), Plan(), example_inputs())
+    model = apply_plan(tiny_dit(), Plan(), denoiser_inputs())
     before = copy.deepcopy(model.dit.transformer_blocks[0].ff.net[2].weight)
-    regulariser = Lacoot(weight=1.0).regulariser(model, example_inputs())
+    regulariser = Lacoot(weight=1.0).regulariser(model, denoiser_inputs())
     assert list(regulariser.blocks) == [f"dit.transformer_blocks.{i}" for i in range(3)]
-    result = train(model, denoising_data().train, TrainConfig(batch_size=8, max_batches=2, progress=False), 1, seed=0,
+    result = train(model, denoising_task().train, TrainConfig(batch_size=8, max_batches=2, progress=False), 1, seed=0,
                    regulariser=regulariser, objective=Denoising(SCHEDULE.alphas_cumprod))
     assert torch.isfinite(torch.tensor(result["epoch_losses"])).all()
     assert not torch.equal(before, model.dit.transformer_blocks[0].ff.net[2].weight)
@@ -230,8 +203,24 @@ def test_the_denoising_objective_refuses_what_it_cannot_train():
     with pytest.raises(OptionError, match="alphas_cumprod"):
         Denoising(torch.tensor([0.5, 1.5]))
     with pytest.raises(OptionError, match="distils"):
-        fxcompress.prune(tiny_dit(), example_inputs(), method="dsd2", data=denoising_data(),
+        fxcompress.prune(tiny_dit(), denoiser_inputs(), method="dsd2", data=denoising_task(),
                          objective=Denoising(SCHEDULE.alphas_cumprod), progress=False)
     with pytest.raises(OptionError, match="built-in trainer"):
-        fxcompress.prune(tiny_dit(), example_inputs(), method="easier", finetune=lambda model: None,
+        fxcompress.prune(tiny_dit(), denoiser_inputs(), method="easier", finetune=lambda model: None,
                          evaluate=lambda model: 1.0, objective=Denoising(SCHEDULE.alphas_cumprod), progress=False)
+
+
+def test_the_prune_command_takes_a_denoising_task(tmp_path):
+    command = [sys.executable, "-m", "fxcompress.cli", "prune", "loop_models:tiny_dit", "--data",
+               "loop_models:denoising_task", "--method", "lacoot", "--lacoot-weight", "1", "--steps", "1",
+               "--epochs-per-step", "0", "--max-drop", "1", "--batch-size", "8", "--lowering", "eager",
+               "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trajectory = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert [step["blocks_removed"] for step in trajectory["steps"]] == [0, 1]
+    assert trajectory["training"]["objective"]["name"] == "denoising"
+    assert len(Plan.load(tmp_path / "run" / "plan.json").decisions) == 2
+    refused = subprocess.run(command[:6] + ["loop_models:tiny_dit"] + command[7:-1] + [str(tmp_path / "other")],
+                             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "without train, validation, test, example" in refused.stderr

@@ -6,8 +6,9 @@ training where asked) and repeats, until a budget is met (`activations` linearis
 `max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
 result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved:
 `checkpoint.pt` (model state, pruning masks, plan, RNG, trajectory), `kept.pt` (the last step within the
-tolerance) and `trajectory.json`; `resume=True` continues an interrupted run from its last checkpoint (a step that was
-interrupted starts again; each step seeds its own random generators, so a resumed run makes the same choices).
+tolerance), `trajectory.json` and, with `save_steps`, every step's plan and weights (`steps/<step>.pt`);
+`resume=True` continues an interrupted run from its last checkpoint (a step that was interrupted starts again;
+each step seeds its own random generators, so a resumed run makes the same choices).
 
 Training and evaluation are either the caller's (`finetune(model, step)` trains the model in place;
 `evaluate(model) -> score`, higher is better, on a validation split; `test(model) -> score` optional) or the
@@ -62,6 +63,7 @@ class LoopConfig:
     lacoot_weight: float = 9.0  # LaCoOT's lambda (0: plain training, the baseline)
     projections: int = 50  # LaCoOT's max-sliced Wasserstein projections
     calibration_batches: int = 4
+    save_steps: bool = False  # with `out`, every step's plan and weights too, in steps/<step>.pt (as kept.pt)
     seed: int = 0
 
     def __post_init__(self):
@@ -73,6 +75,8 @@ class LoopConfig:
         for name in ("epochs_per_step", "dense_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise OptionError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.save_steps, bool):
+            raise OptionError(f"save_steps must be a bool, got {self.save_steps!r}")
         if finite_number("lacoot_weight", self.lacoot_weight) < 0:
             raise OptionError(f"lacoot_weight must be >= 0, got {self.lacoot_weight!r}")
         if not 0 <= finite_number("max_drop", self.max_drop) <= 1:
@@ -233,10 +237,13 @@ class _Loop:
                  "trajectory": self.trajectory.to_dict(), "dense_state_dict": self.dense.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
         _atomic(self.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        step = {key: state[key] for key in ("plan", "state_dict", "masks")}
+        step["step"] = self.trajectory.steps[-1]["step"]
         if within:
-            kept = {key: state[key] for key in ("plan", "state_dict", "masks")}
-            kept["step"] = self.trajectory.steps[-1]["step"]
-            _atomic(self.out / "kept.pt", lambda tmp: torch.save(kept, tmp))
+            _atomic(self.out / "kept.pt", lambda tmp: torch.save(step, tmp))
+        if self.config.save_steps:
+            (self.out / "steps").mkdir(exist_ok=True)
+            _atomic(self.out / "steps" / f"{step['step']}.pt", lambda tmp: torch.save(step, tmp))
         self.trajectory.save(self.out / "trajectory.json")
 
     def resume(self) -> None:
