@@ -105,9 +105,11 @@ def module_path(node: fx.Node) -> str:
 
 
 def normalize_path(path: str) -> str:
-    """A module path as written by dynamo (`L['self'].layers[0]`) or export (`layers.0`), as `layers.0`."""
+    """A module path as written by dynamo (`L['self'].layers[0]`, `L['self']._modules['layers']`, or
+    `L['self'].__dict__['_modules']['layers']` below a module that defines __getattr__, as diffusers' models do)
+    or by export (`layers.0`), as `layers.0`."""
+    path = re.sub(r"\.(?:__dict__\['_modules'\]|_modules)\['([^']+)'\]", r".\1", path)
     path = re.sub(r"^L\['[^']+'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.lstrip(".")
 
