@@ -15,6 +15,7 @@ setup(
         "tensorrt": ["torch-tensorrt"],
         "criteria": ["pot", "tqdm"],
         "tokens": ["timm", "transformers"],
+        "diffusion": ["diffusers==0.42.1"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib"],
     },

@@ -103,15 +103,20 @@ def trajectory(kind: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def step_model(kind: str, method: str, step: int):
-    """A run's step: its trained weights with its plan, compressed (what a deployment samples with)."""
+SAMPLE_BATCH, TIME_BATCH = 250, 10  # sampling for the quality scores; timing and grids
+
+
+def step_model(kind: str, method: str, step: int, batch: int):
+    """A run's step: its trained weights with its plan, compressed (what a deployment samples with) for batches
+    of `batch` (diffusers' UNet fixes its batch when captured)."""
     from fxcompress import Plan, compress
     from fxcompress.finetune.planned import apply_plan
     state = torch.load(RUNS / kind / method / "steps" / f"{step}.pt", map_location="cpu", weights_only=False)
     model = fashion_diffusion.build(kind)
     model.load_state_dict(state["state_dict"])
-    example = fashion_diffusion.example_inputs(QUALITY_COUNT // 2)
-    return compress(apply_plan(model.eval(), Plan.from_dict(state["plan"]), example), example).module
+    example = fashion_diffusion.example_inputs(batch)
+    return compress(apply_plan(model.eval(), Plan.from_dict(state["plan"]), example), example,
+                    dynamic_batch=False).module
 
 
 def time_ratio(dense, model, repeats: int = 3, batch: int = 10) -> tuple[float, float]:
@@ -133,14 +138,15 @@ def quality(kind: str) -> None:
         if not steps:
             continue
         entry = results.setdefault(method, {})
-        dense = step_model(kind, method, 0)
+        dense = step_model(kind, method, 0, TIME_BATCH)
         grids = []
         for step in steps:
-            model = step_model(kind, method, step["step"])
+            model = step_model(kind, method, step["step"], TIME_BATCH)
             key = str(step["step"])
             if key not in entry:
-                seconds, ratio = time_ratio(dense, model)
-                entry[key] = {**diffusion_quality.quality(model, QUALITY_COUNT, SAMPLE_STEPS, seed=0),
+                seconds, ratio = time_ratio(dense, model, batch=TIME_BATCH)
+                sampler = step_model(kind, method, step["step"], SAMPLE_BATCH)
+                entry[key] = {**diffusion_quality.quality(sampler, QUALITY_COUNT, SAMPLE_STEPS, seed=0),
                               "seconds_per_image": round(seconds, 4), "time_ratio": round(ratio, 4)}
                 path.write_text(json.dumps(results, indent=2))
                 print(kind, method, key, entry[key], flush=True)

