@@ -2,9 +2,10 @@
 
 AdamW, batch 128, learning rate 2e-3 with linear warm-up and cosine decay, random horizontal flips.
 Writes bench/results/fashion_vit.pt (state dict, ~0.8 MB) and fashion_vit_train.json (test accuracy,
-time, parameters) after every epoch.
+time, parameters) after every epoch; `--arch timm` trains timm's ViT of the same size into fashion_vit_timm.pt and
+fashion_vit_timm_train.json.
 
-    .venv/bin/python bench/train_fashion_vit.py [--epochs 1] [--threads 2]
+    .venv/bin/python bench/train_fashion_vit.py [--arch torchvision] [--epochs 1] [--threads 2]
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import time
 
 import torch
 
-from fashion_vit import CHECKPOINT, accuracy, build, images
+from fashion_vit import ARCHS, accuracy, build, checkpoint, images, train_record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=ARCHS, default="torchvision")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build(args.seed)
+    model = build(args.seed, args.arch)
     x, y = images("train")
     test_x, test_y = images("test")
     steps = args.epochs * math.ceil(len(x) / args.batch)
@@ -58,12 +60,14 @@ def main() -> None:
 
 def save(model: torch.nn.Module, test_x, test_y, args, epochs: int, elapsed: float) -> None:
     """Write the checkpoint and its record (after every epoch, so an interrupted run leaves the last one)."""
-    CHECKPOINT.parent.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), CHECKPOINT)
+    checkpoint(args.arch).parent.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), checkpoint(args.arch))
     result = {"test_accuracy": accuracy(model, test_x, test_y), "epochs": epochs, "seconds": round(elapsed),
               "params": sum(p.numel() for p in model.parameters()), "threads": args.threads, "seed": args.seed,
               "batch": args.batch, "lr": args.lr}
-    (CHECKPOINT.parent / "fashion_vit_train.json").write_text(json.dumps(result, indent=2))
+    if args.arch != "torchvision":
+        result["arch"] = args.arch
+    train_record(args.arch).write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
 
 

@@ -5,7 +5,8 @@ conv/linear that produces it, the per-channel ops it passes through (BatchNorm, 
 pooling, depthwise convs), both operands of a residual add, and its slice of a concatenation. Removing
 channel c from the group means dropping output channel c of every producer, entry c of every per-channel
 op, and input channel c of every conv/linear that reads the group (its consumers); this equals zeroing
-channel c at each consumer's input.
+channel c at each consumer's input. In a token layout (N, T, C) made by a linear (a transformer's MLP) the
+channels are the last axis: there the group may pass only through linears, activations, dropout and adds.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .graph import channel_width, constant, module_path, real_users, stable_name, tensor_shape
+from .graph import channel_axis, channel_width, constant, module_path, real_users, stable_name, tensor_shape
 from .errors import NoMatch
 from .ops import OpCall, bind
 from .plan import Decision, check_channels
 
 _PER_CHANNEL = ("batch_norm", "activation", "dropout", "pool")
+_TOKEN_LAYOUT_OPS = ("linear", "activation", "dropout", "add")  # the ops a token-layout group may pass through
 SHORTCUT_MODULES = ("downsample", "shortcut", "skip")  # names models give a projection shortcut
 
 
@@ -92,7 +94,19 @@ class ChannelGroup:
 
 
 def _channels(node: fx.Node) -> int:
-    return tensor_shape(node)[1]
+    return channel_width(node)
+
+
+def _token_layout(node: fx.Node) -> bool:
+    """Whether `node`'s channels are its last axis of three or more (`graph.channel_axis`)."""
+    rank = len(tensor_shape(node))
+    return rank >= 3 and channel_axis(node) == rank - 1
+
+
+def _token_refusal(node: fx.Node, call: OpCall, name: str) -> NoMatch | None:
+    if _token_layout(node) and call.kind not in _TOKEN_LAYOUT_OPS:
+        return NoMatch(f"channel group reaches {name} ({call.name}) in a token layout")
+    return None
 
 
 def _cat_offsets(call: OpCall) -> list[int] | NoMatch:
@@ -121,11 +135,13 @@ def _backward(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node, channels: 
         return NoMatch(f"channel group reaches the graph input {name}")
     if call is None:
         return NoMatch(f"channel group reaches {name}, an op whose channels cannot be traced")
+    if (refusal := _token_refusal(node, call, name)) is not None:
+        return refusal
     if call.kind == "conv" and call.args.get("transposed"):
         return NoMatch(f"channel group reaches transposed conv {name}")
     if call.kind in ("conv", "linear") and not is_depthwise(gm, call):
-        if call.kind == "linear" and len(tensor_shape(node)) != 2:
-            return NoMatch(f"{name} has a token layout; channel removal handles (N, C, ...) and (N, F)")
+        if call.kind == "linear" and len(tensor_shape(node)) != 2 and not _token_layout(node):
+            return NoMatch(f"{name} outputs channels off its last axis")
         if call.kind == "conv" and int(call["groups"]) != 1:
             return NoMatch(f"{name} is a grouped conv")
         group.producers.setdefault(node, set()).update(channels)
@@ -160,13 +176,16 @@ def _forward(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node, user: fx.No
     name = stable_name(user)
     if call is None:
         return NoMatch(f"channel group reaches {name}, an op whose channels cannot be traced")
+    if (refusal := _token_refusal(node, call, name)) is not None:
+        return refusal
     if call.kind in ("conv", "linear", "batch_norm") and call["input"] is not node:
         return NoMatch(f"{stable_name(node)} is used as a parameter of {name}")
     if call.kind in ("conv", "linear") and not is_depthwise(gm, call):
         if call.kind == "conv" and int(call["groups"]) != 1:
             return NoMatch(f"{name} is a grouped conv")
-        if call.kind == "linear" and len(tensor_shape(node)) != 2:
-            return NoMatch(f"{name} reads a token layout; channel removal handles (N, C, ...) and (N, F)")
+        if call.kind == "linear" and len(tensor_shape(node)) != 2 and not _token_layout(node):
+            return NoMatch(f"{name} reads channels off their last axis; channel removal handles (N, C, ...), "
+                           "(N, F) and token layouts (N, T, C)")
         group.consumers.setdefault(user, set()).update(channels)
         return []
     if call.kind in _PER_CHANNEL or call.kind in ("conv", "add"):
@@ -201,6 +220,8 @@ def channel_group(gm: fx.GraphModule, seed: fx.Node, channels) -> ChannelGroup |
                 return more
             steps += more
         work += steps
+    if len({_token_layout(node) for node in group.members}) > 1:
+        return NoMatch(f"channel group of {stable_name(seed)} mixes a token layout with channels on axis 1")
     for node, removed in group.members.items():
         if len(removed) >= _channels(node):
             return NoMatch(f"removing {len(removed)} channels would empty {stable_name(node)}")

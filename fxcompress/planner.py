@@ -41,7 +41,7 @@ from .context import Calibration, PassContext
 from .criteria import OFF, ON
 from .errors import OptionError, finite_number, valid_choice
 from .graph import annotate_names, annotate_shapes, real_users, stable_name
-from .ops import activation_regions, bind
+from .ops import OpCall, activation_regions, bind
 from .passes import ANALYSES
 from .pipeline import compress_graph
 from .plan import Decision, Plan
@@ -86,13 +86,18 @@ def unlocks_merge(node: fx.Node) -> bool:
     return False
 
 
-def _zero_at(node: fx.Node, channels: set[int], max_error: float) -> bool:
+def _zero_below(call: OpCall, approximate: bool) -> bool:
+    """Whether the activation outputs 0 below its identity range (or approximately 0, where `approximate`)."""
+    return activation_regions(call).below in (("zero", "approximately zero") if approximate else ("zero",))
+
+
+def _zero_at(node: fx.Node, channels: set[int], max_error: float, approximate: bool = False) -> bool:
     """Whether the criterion judges `node`'s output zero on `channels` with error probability <= max_error
-    (an off activation, maybe pooled)."""
+    (an off activation, maybe pooled; approximately zero counts where `approximate`)."""
     call = bind(node)
     if call is not None and call.kind in ("pool", "dropout"):
-        return _zero_at(call["input"], channels, max_error)
-    if call is None or call.kind != "activation" or activation_regions(call).below != "zero" or \
+        return _zero_at(call["input"], channels, max_error, approximate)
+    if call is None or call.kind != "activation" or not _zero_below(call, approximate) or \
             meta.CHANNEL_STATES not in node.meta:
         return False
     states = node.meta[meta.CHANNEL_STATES]
@@ -106,14 +111,17 @@ def _zeroable(node: fx.Node) -> bool:
     return call is not None and call.kind in ("batch_norm", "conv", "linear") and len(real_users(source)) == 1
 
 
-def off_decision(gm: fx.GraphModule, node: fx.Node, off: list[int], max_error: float) -> Decision | str:
-    """Remove the off channels where every consumer of their group reads a zero judged off; else zero them."""
+def off_decision(gm: fx.GraphModule, node: fx.Node, off: list[int], max_error: float,
+                 approximate: bool = False) -> Decision | str:
+    """Remove the off channels where every consumer of their group reads a zero judged off; else zero them.
+    `approximate`: an approximately zero output (GELU, SiLU below 0) counts as a zero."""
     name = stable_name(node)
     group = channel_group(gm, node, off)
     why = str(group)
     if group:
         unjudged = [(consumer, bind(consumer)["input"]) for consumer in group.consumers
-                    if not _zero_at(bind(consumer)["input"], group.members[bind(consumer)["input"]], max_error)]
+                    if not _zero_at(bind(consumer)["input"], group.members[bind(consumer)["input"]], max_error,
+                                    approximate)]
         if not unjudged:
             return Decision("remove_channels", name, {"channels": off})
         consumer, source = unjudged[0]
@@ -129,17 +137,35 @@ def layer_error(states, aggregate: str) -> float:
     return float(states.error.max() if aggregate == "max" else states.error.mean())
 
 
-def regions_refusal(node: fx.Node, off: list[int]) -> str | None:
+def regions_refusal(node: fx.Node, off: list[int], approximate: bool = False) -> str | None:
     """Why the activation's regions make its states inexact: only a zero below the identity range can be
-    removed or zeroed, and linearising is exact only where the output is z."""
+    removed or zeroed, and linearising is exact only where the output is z. `approximate` accepts the
+    regions that hold only approximately (GELU, SiLU, Hardswish: about 0 below 0, about z above)."""
     call = bind(node)
     regions = activation_regions(call)
-    if not regions.exact:
+    if not regions.exact and not approximate:
         return f"{call.name} is only approximately 0 below {regions.low} and approximately z above it"
-    if off and regions.below != "zero":
+    if off and not _zero_below(call, approximate):
         return f"off channels {off} output {regions.describe_below()}, not 0: they can be neither removed " \
                "nor zeroed, and linearising would make them z"
     return None
+
+
+def approximation_error(node: fx.Node, mean: torch.Tensor, std: torch.Tensor, points: int = 801) -> float:
+    """How far activation `node`, 0 below its identity range exactly or approximately, is from its regions' exact
+    form (0 below `low`, z on [low, high], `high` above): the relative RMS of the difference,
+    sqrt(sum_c E(f(z_c) - exact(z_c))^2 / sum_c E f(z_c)^2), for channels z_c ~ N(mean_c, std_c^2) (the measured
+    statistics), integrated on a grid of `points` within 8 std. 0 for ReLU; inf where f is 0 throughout."""
+    regions = activation_regions(bind(node))
+    grid = torch.linspace(-8.0, 8.0, points, dtype=torch.float64)
+    weights = torch.exp(-grid * grid / 2)
+    weights = weights / weights.sum()
+    z = mean.double()[:, None] + std.double().abs()[:, None] * grid
+    output = node.target(z.clone(), *node.args[1:], **node.kwargs)
+    exact = torch.where(z < regions.low, torch.zeros_like(z), z.clamp(max=regions.high))
+    deviation = ((output - exact) ** 2 * weights).sum()
+    energy = (output ** 2 * weights).sum()
+    return math.sqrt(float(deviation / energy)) if energy > 0 else math.inf
 
 
 def _bn_candidate(gm: fx.GraphModule, node: fx.Node, max_error: float, aggregate: str) -> Candidate | str:

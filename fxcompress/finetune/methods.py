@@ -11,6 +11,9 @@ activations already linearised are gone from it) and returns the decisions of th
   zeroed (`planner.off_decision`), and the activation is linearised. Ranked by the expected fraction of
   misjudged channels (`rank="error"`), or, as the published code does, by the loss increase on one
   validation batch when the candidate alone is applied (`rank="loss"`, one `apply_plan` per candidate).
+  Activations only approximately 0 below 0 and z above (GELU, SiLU: a ViT's MLP) are taken too, with calibration
+  (the fine-tune recovers; the published setting is ReLU only): their off channels removed as zeros, their
+  error-fraction score plus how far they are from exactly 0 / z (`planner.approximation_error`).
 - "lacoot" (LaCoOT): residual blocks with an identity shortcut, smallest block distance on the calibration batches
   first, each removed (`remove_block`); the loop trains with its regulariser (`lacoot.BlockDistanceRegulariser`,
   weight 0: plain training, the baseline).
@@ -46,10 +49,10 @@ from ..context import Calibration, PassContext
 from ..criteria import OFF
 from ..errors import OptionError, PassError, PlanError, finite_number
 from ..graph import names_of_kind, real_users, stable_name
-from ..ops import bind
+from ..ops import activation_regions, bind
 from ..passes import ANALYSES
 from ..plan import Decision, Plan
-from ..planner import layer_error, off_decision, regions_refusal
+from ..planner import approximation_error, layer_error, off_decision, regions_refusal
 from ..pipeline import compress_graph
 from .lacoot import BlockDistanceRegulariser, measured_distances, monitored_blocks, planned_model, positive_integer
 from .planned import apply_plan, planned_graph
@@ -166,26 +169,36 @@ class Tlc(Method):
 
 
 def _tlc_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
-    """Linearise `node` with its off channels removed or zeroed; None where that cannot be done exactly
-    (every channel off, off channels that do not output 0, no way to remove or zero them)."""
+    """Linearise `node` with its off channels removed or zeroed; None where that cannot be done (every channel
+    off, off channels that do not output 0, no way to remove or zero them, an approximate activation without
+    measured statistics). Scored by the expected fraction of misjudged channels, plus, for an activation whose
+    regions are approximate (GELU, SiLU: about 0 off, about z on), its `approximation_error` there."""
     states = node.meta[meta.CHANNEL_STATES]
     labels = states.states()
     off = [channel for channel, label in enumerate(labels) if label == OFF]
-    decisions = linearised_without(gm, node, off) if len(off) < len(labels) else None
+    approximate = not activation_regions(bind(node)).exact
+    if len(off) == len(labels) or (approximate and meta.ACTIVATION_STATS not in node.meta):
+        return None
+    decisions = linearised_without(gm, node, off, approximate)
     if decisions is None:
         return None
     error = layer_error(states, "mean")
+    if approximate:
+        stats = node.meta[meta.ACTIVATION_STATS]
+        error += approximation_error(node, stats.mean, stats.std)
     return Choice(stable_name(node), decisions, error if math.isfinite(error) else math.inf)
 
 
-def linearised_without(gm: fx.GraphModule, node: fx.Node, off: list[int]) -> tuple[Decision, ...] | None:
+def linearised_without(gm: fx.GraphModule, node: fx.Node, off: list[int],
+                       approximate: bool = False) -> tuple[Decision, ...] | None:
     """The decisions that linearise the activation `node` with its `off` channels removed or zeroed; None where
-    its regions make that inexact or the channels can be neither removed nor zeroed."""
-    if regions_refusal(node, off) is not None:
+    its regions make that inexact (unless `approximate`: approximately 0 and z count as 0 and z) or the channels
+    can be neither removed nor zeroed."""
+    if regions_refusal(node, off, approximate) is not None:
         return None
     decisions = [Decision("linearize", stable_name(node))]
     if off:
-        decision = off_decision(gm, node, off, max_error=1.0)
+        decision = off_decision(gm, node, off, max_error=1.0, approximate=approximate)
         if isinstance(decision, str):
             return None
         decisions.insert(0, decision)

@@ -7,8 +7,8 @@ branch of a residual add, the slice of a concatenation. It drops those output ch
 entries from BatchNorms and depthwise convs, and those input channels from every conv/linear that reads the
 group. The result equals the original with the channels zeroed at the consumers' inputs: exact where the group
 is zero there (an always-off ReLU channel). Changes outputs by design (unverified, like `linearize`); a group
-that reaches the graph output, an op that mixes channels, a grouped conv or a token layout is refused with a
-PlanError naming it.
+that reaches the graph output, an op that mixes channels, a grouped conv, or a token layout (N, T, C) that passes
+through anything but linears, activations, dropout and adds is refused with a PlanError naming it.
 """
 from functools import partial
 from typing import Iterator
