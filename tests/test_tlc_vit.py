@@ -122,8 +122,6 @@ def test_the_planned_timm_vit_equals_the_hand_built_mlp(one_thread):
         torch.testing.assert_close(planned(*FRESH), expected(*FRESH), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=fxcompress.errors.PlanError,
-                   reason="apply_plan does not see the linears inside F.multi_head_attention_forward")
 def test_the_planned_torchvision_vit_equals_the_hand_built_mlp(one_thread):
     model = torchvision_vit()
     choices = tlc_choices(model, 2)
