@@ -4,7 +4,7 @@
 on the way up, self-attention at 16 x 16 and in the middle block; 0.65M parameters), `dit` a diffusers
 `DiTTransformer2DModel` (patch 4: 64 tokens, width 96 = 4 heads x 24, 6 blocks; 1.2M parameters, nearly half of them in
 each block's own adaLN-Zero conditioning MLP); both predict the noise of a DDPM (1000 steps, linear betas) and
-are sized to train on a loaded 2-core CPU within 25 minutes. `Denoiser` wraps either as `forward(sample, timestep,
+are sized to train on a loaded 2-core CPU within 30 minutes. `Denoiser` wraps either as `forward(sample, timestep,
 class_labels) -> noise`, tensors in and out, so that fxcompress captures it with example inputs (x, t, y).
 `sample` runs a deterministic DDIM sampler (eta 0) in plain torch around any such callable: its noise comes from a
 generator seeded by `seed` alone, so two denoisers given the same seed start from the same noise.

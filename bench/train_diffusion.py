@@ -2,12 +2,15 @@
 
 Epsilon-prediction MSE at uniformly drawn timesteps of the DDPM schedule, class-conditional; AdamW with a linear
 warm-up, then a constant learning rate, and an exponential moving average (EMA) of the weights, which is what
-gets saved. Training stops after `--steps` steps or `--minutes` minutes of training (summed over resumed runs),
-whichever comes first. Every `--every` steps, a checkpoint (weights, EMA, optimizer, generators) goes to
-bench/runs/diffusion/{kind}_state.pt, which the next run resumes from unless `--restart`. At the end:
-bench/results/diffusion/{kind}.pt (EMA state dict of the `Denoiser`) and {kind}_train.json.
+gets saved (decay min(--ema, (1 + step) / (10 + step)): a short run averages over its last ~100 steps).
+The DiT swaps 10 % of the labels for its null class in train mode (diffusers' built-in label dropout, drawn from
+torch's global generator); the UNet has no null class and always sees the label. Training stops after
+`--steps` steps or `--minutes` minutes of training (summed over resumed runs), whichever comes first. Every
+`--every` steps, a checkpoint (weights, EMA, optimizer, generators) goes to bench/runs/diffusion/{kind}_state.pt,
+which the next run resumes from unless `--restart`. At the end: bench/results/diffusion/{kind}.pt (EMA state
+dict of the `Denoiser`) and {kind}_train.json.
 
-    .venv/bin/python bench/train_diffusion.py {unet,dit} [--minutes 25] [--threads 1] [--batch 64]
+    .venv/bin/python bench/train_diffusion.py {unet,dit} [--minutes 30] [--threads 1] [--batch 64]
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ STATE_DIR = Path(__file__).parent / "runs" / "diffusion"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=KINDS)
-    parser.add_argument("--minutes", type=float, default=25.0)
+    parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
