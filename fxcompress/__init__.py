@@ -5,6 +5,7 @@ from .capture import capture
 from .config import CompressConfig
 from .errors import CaptureError, FxCompressError, MissingDependencyError, OptionError, PassError, PlanError
 from .criteria import block_distance
+from .frechet import frechet_distance
 from .plan import Decision, Plan
 from .planner import PlanResult, find_plan
 from .report import Metrics, Report
@@ -14,6 +15,6 @@ from .finetune.loop import PruneResult, prune
 from .finetune.trainer import TrainConfig
 
 __all__ = ["compress", "activation_names", "measure", "capture", "CompressResult", "CompressConfig", "Plan", "Decision", "Report", "Metrics",
-           "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance",
+           "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance", "frechet_distance",
            "apply_plan", "plan_of", "prune", "PruneResult", "TrainConfig",
            "FxCompressError", "CaptureError", "OptionError", "PlanError", "PassError", "MissingDependencyError"]
