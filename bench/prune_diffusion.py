@@ -42,7 +42,7 @@ TRAIN = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0}
 DENSE_EPOCHS = 1
 LACOOT_WEIGHT = 1.0
 SAMPLE_STEPS = 25
-QUALITY_COUNT = 500
+QUALITY_COUNT = 250  # one batch of SAMPLE_BATCH: the compressed UNet has a fixed batch
 RUNS_OF = {
     "lacoot": {"method": "lacoot", "epochs_per_step": 0, "max_drop": 1.0},
     "lacoot-0": {"method": "lacoot", "epochs_per_step": 0, "max_drop": 1.0, "lacoot_weight": 0.0},
