@@ -13,6 +13,7 @@ from fxcompress import Plan
 from fxcompress.graph import annotate_names, normalize_path
 from fxcompress.pipeline import activation_names
 from helpers import assert_state_unchanged, dynamo_graph, relative_error, state_of
+from loop_models import Denoiser
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -37,15 +38,6 @@ class UNetDenoiser(nn.Module):
 
     def forward(self, x, t, y=None):
         return self.unet(x, t, class_labels=y).sample
-
-
-class DiTDenoiser(nn.Module):
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, x, t, y):
-        return self.dit(x, timestep=t, class_labels=y).sample
 
 
 def tiny_unet(classes: int | None = None) -> nn.Module:
@@ -76,7 +68,7 @@ def inputs(seed: int, conditional: bool) -> tuple:
 DENOISERS = {
     "unet": (lambda: UNetDenoiser(tiny_unet()).eval(), False),
     "unet-class": (lambda: UNetDenoiser(tiny_unet(CLASSES)).eval(), True),
-    "dit": (lambda: DiTDenoiser(tiny_dit()).eval(), True),
+    "dit": (lambda: Denoiser(tiny_dit()).eval(), True),
 }
 DYNAMIC_BATCH = {"unet": False, "unet-class": False, "dit": None}
 
