@@ -92,7 +92,8 @@ def run(kind: str, method: str) -> None:
                **settings}
     folder = RUNS / kind / method
     data = task()
-    prune(fashion_diffusion.load(kind), data.example, data=data, objective=data.objective, out=folder, resume=(folder / "checkpoint.pt").is_file(),
+    prune(fashion_diffusion.load(kind), data.example, data=data, objective=data.objective, out=folder,
+          resume=(folder / "checkpoint.pt").is_file(),
           train_config=TrainConfig(batch_size=DATA["batch_size"], progress=False, **TRAIN), **options)
     RESULTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "trajectory.json", RESULTS / f"{kind}_{method}.json")

@@ -126,21 +126,30 @@ def latency_ratio(model, plan, batch: int, lowering: str, tokens: dict | None = 
     return round(timing["results"]["compressed"]["ratio"], 4)
 
 
-def test_accuracy(arch: str, method: str, step: int, tokens: dict | None) -> float:
-    """The test accuracy of a run's step (its checkpoint's kept weights), with FOLDER token merging if asked."""
-    from fxcompress import Plan, compress
+def measured_step(method: str, steps: list[dict]) -> int:
+    """The step whose latency and token combination are measured: the last within 1 point; for LaCoOT, whose
+    steps do not fine-tune, at least the first removal (the table gives its accuracy)."""
+    kept = within_one_point(steps, progress_key(method))["step"]
+    return max(kept, 1) if RUNS_OF[method]["method"] == "lacoot" and len(steps) > 1 else kept
+
+
+def test_accuracy(arch: str, method: str, steps: list[dict], step: int, tokens: dict | None) -> float:
+    """The test accuracy of a run's step, with FOLDER token merging if asked: the kept step's weights, or, in a
+    run that does not fine-tune after step 0 (LaCoOT), the run's weights with the step's plan."""
+    from fxcompress import compress
     from fxcompress.finetune.planned import apply_plan
     kept = torch.load(RUNS / arch / method / "kept.pt", map_location="cpu", weights_only=False)
-    if kept["step"] != step:
+    if kept["step"] != step and RUNS_OF[method].get("epochs_per_step", 1) != 0:
         raise SystemExit(f"{arch}/{method}: kept.pt holds step {kept['step']}, not {step}")
     model = fashion_vit.build(arch=arch)
     model.load_state_dict(kept["state_dict"])
-    planned = apply_plan(model.eval(), Plan.from_dict(kept["plan"]), example())
+    planned = apply_plan(model.eval(), plan_until(steps, step), example())
     compressed = compress(planned, example(), tokens=tokens).module
     return fashion_vit.accuracy(compressed, *fashion_vit.images("test"))
 
 
 def latency(arch: str) -> None:
+    from fxcompress import compress
     path = RESULTS / f"{arch}_latency.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     model = fashion_vit.load(arch)
@@ -155,8 +164,9 @@ def latency(arch: str) -> None:
         for lowering in ("onnxruntime", "inductor"):
             record(dense, f"{lowering}_b{batch}", lambda: latency_ratio(model, None, batch, lowering))
             record(dense, f"{lowering}_b{batch}_tokens", lambda: latency_ratio(model, None, batch, lowering, TOKENS))
+    record(dense, "test", lambda: fashion_vit.accuracy(model, *fashion_vit.images("test")))
     record(dense, "test_tokens", lambda: fashion_vit.accuracy(
-        __import__("fxcompress").compress(model, example(), tokens=TOKENS).module, *fashion_vit.images("test")))
+        compress(model, example(), tokens=TOKENS).module, *fashion_vit.images("test")))
     for method in RUNS_OF:
         steps = (trajectory(arch, method) or {}).get("steps")
         if not steps:
@@ -165,7 +175,7 @@ def latency(arch: str) -> None:
         for step in steps:
             record(entry["onnxruntime_b1"], str(step["step"]),
                    lambda: latency_ratio(model, plan_until(steps, step["step"]), 1, "onnxruntime"))
-        kept = within_one_point(steps, progress_key(method))["step"]
+        kept = measured_step(method, steps)
         if entry.get("kept", {}).get("step") != kept:
             entry["kept"] = {"step": kept}
         plan = plan_until(steps, kept)
@@ -174,7 +184,7 @@ def latency(arch: str) -> None:
                 record(entry["kept"], f"{lowering}_b{batch}", lambda: latency_ratio(model, plan, batch, lowering))
                 record(entry["kept"], f"{lowering}_b{batch}_tokens",
                        lambda: latency_ratio(model, plan, batch, lowering, TOKENS))
-        record(entry["kept"], "test_tokens", lambda: test_accuracy(arch, method, kept, TOKENS))
+        record(entry["kept"], "test_tokens", lambda: test_accuracy(arch, method, steps, kept, TOKENS))
         print(arch, method, entry["kept"], flush=True)
 
 
@@ -186,9 +196,11 @@ def report() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = ["| ViT | method | step-0 test | kept step | GELUs linearised | layers removed | weight layers | MACs ratio | "
+    runs = ["| ViT | method | step-0 test | kept step | GELUs linearised | layers removed | weight layers | "
+            "MACs ratio | "
             "test | Δ test (pt) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    combined = ["| ViT | model | test | ORT b1 | ORT b32 | Inductor b1 | Inductor b32 |", "|---|---|---|---|---|---|---|"]
+    combined = ["| ViT | model | test | ORT b1 | ORT b32 | Inductor b1 | Inductor b32 |",
+                "|---|---|---|---|---|---|---|"]
     figure, axes = plt.subplots(len(ARCHS), 3, figsize=(15, 4.5 * len(ARCHS)), squeeze=False)
     for row, arch in enumerate(ARCHS):
         path = RESULTS / f"{arch}_latency.json"
@@ -218,20 +230,16 @@ def report() -> None:
                         f"{100 * kept['test']:.2f} | {100 * (kept['test'] - steps[0]['test']):+.2f} |")
             measured = timing.get(method, {}).get("kept", {})
             if measured and method != "control":
-                for suffix, name, test in (("", f"{label}, step {kept['step']}", kept["test"]),
-                                           ("_tokens", f"{label}, step {kept['step']} + FOLDER",
-                                            measured.get("test_tokens"))):
-                    combined.append(f"| {arch} | {name} | {_percent(test)} | " + " | ".join(
-                        _ratio(measured.get(f"{lowering}_b{batch}{suffix}"))
-                        for lowering in ("onnxruntime", "inductor") for batch in (1, 32)) + " |")
+                step = steps[measured["step"]]
+                removed = "layers removed" if key == "blocks_removed" else "GELUs linearised"
+                what = f"{label}, step {step['step']} ({step[key]} {removed})"
+                combined.append(_latency_row(arch, what, step["test"], measured, ""))
+                combined.append(_latency_row(arch, f"{what} + FOLDER", measured.get("test_tokens"), measured,
+                                             "_tokens"))
         dense = timing.get("dense", {})
         if dense:
-            combined.append(f"| {arch} | dense, exact passes | | " + " | ".join(
-                _ratio(dense.get(f"{lowering}_b{batch}")) for lowering in ("onnxruntime", "inductor")
-                for batch in (1, 32)) + " |")
-            combined.append(f"| {arch} | dense + FOLDER | {_percent(dense.get('test_tokens'))} | " + " | ".join(
-                _ratio(dense.get(f"{lowering}_b{batch}_tokens")) for lowering in ("onnxruntime", "inductor")
-                for batch in (1, 32)) + " |")
+            combined.append(_latency_row(arch, "original (1 epoch), exact passes", dense.get("test"), dense, ""))
+            combined.append(_latency_row(arch, "original + FOLDER", dense.get("test_tokens"), dense, "_tokens"))
         by_gelus.set(xlabel="GELUs linearised (MLP collapsed)", ylabel="test accuracy (%)",
                      title=f"{arch} ViT, Fashion-MNIST: EASIER, TLC")
         by_layers.set(xlabel="encoder layers removed (no fine-tuning)", ylabel="test accuracy (%)",
@@ -248,6 +256,12 @@ def report() -> None:
         "\n".join(combined) + "\n"
     (RESULTS / "summary.md").write_text(text)
     print(text)
+
+
+def _latency_row(arch: str, name: str, test: float | None, ratios: dict, suffix: str) -> str:
+    return f"| {arch} | {name} | {_percent(test)} | " + " | ".join(
+        _ratio(ratios.get(f"{lowering}_b{batch}{suffix}")) for lowering in ("onnxruntime", "inductor")
+        for batch in (1, 32)) + " |"
 
 
 def _percent(value) -> str:
