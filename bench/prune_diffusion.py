@@ -11,8 +11,8 @@ epsilon MSE at uniform timesteps; the score is minus that error on the validatio
 LaCoOT fine-tunes the trained denoiser DENSE_EPOCHS on FINETUNE_SAMPLES images with its block-distance penalty
 (weight LACOOT_WEIGHT; `lacoot-0` without it, the baseline), then removes one residual block per step (a UNet
 resnet or attention block with an identity shortcut, a whole DiT block), smallest distance first, without
-fine-tuning, to the last block. EASIER linearises one GELU of the DiT's MLPs per step (the MLP then collapses
-into one linear) and fine-tunes one epoch. Every step's weights are kept (`save_steps`), so `quality` samples each
+fine-tuning, to the last block. EASIER linearises one GELU of the DiT's MLPs per step (`only`: not the SiLUs of its
+conditioning MLPs; the MLP then collapses into one linear) and fine-tunes one epoch. Every step's weights are kept (`save_steps`), so `quality` samples each
 step. Sampling: DDIM, SAMPLE_STEPS steps, eager, the same seeds for every model. Runs are resumable
 (bench/runs/diffusion/, not committed); results go to bench/results/diffusion/.
 """
@@ -48,7 +48,8 @@ RUNS_OF = {
     "lacoot-0": {"method": "lacoot", "epochs_per_step": 0, "max_drop": 1.0, "lacoot_weight": 0.0},
     # the penalty at the scale of the denoising loss (MSE ~0.04; block distances ~0.4-1.5)
     "lacoot-0.05": {"method": "lacoot", "epochs_per_step": 0, "max_drop": 1.0, "lacoot_weight": 0.05},
-    "easier": {"method": "easier", "epochs_per_step": 1, "max_drop": 1.0, "steps": 6, "kinds": ("dit",)},
+    "easier": {"method": "easier", "epochs_per_step": 1, "max_drop": 1.0, "steps": 6, "only": r"\.ff\.",
+               "kinds": ("dit",)},  # the blocks' MLP GELUs, not the conditioning SiLUs (tiny, per sample)
 }
 
 

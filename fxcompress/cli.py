@@ -223,6 +223,7 @@ def prune_command(args) -> int:
                    latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
                    selection=args.selection, tlc_rank=args.tlc_rank, prune_rate=args.prune_rate,
                    dsd2_pruning=args.dsd2_pruning, lacoot_weight=args.lacoot_weight, projections=args.projections,
+                   only=args.only,
                    seed=args.seed)
     if distributed.is_main():
         compressed = compress(result.model, example)
@@ -377,6 +378,7 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--lowering", choices=["onnxruntime", "inductor", "eager"], default="onnxruntime")
     sub.add_argument("--selection", choices=list(SELECTIONS), default="criterion")
     sub.add_argument("--tlc-rank", choices=list(TLC_RANKS), default="error")
+    sub.add_argument("--only", help="a regular expression: choose only activations or blocks whose names match")
     sub.add_argument("--prune-rate", type=_fraction,
                      help="egp, magnitude, dsd2: fraction of the unpruned weights pruned per step (0.5; dsd2 0.2)")
     sub.add_argument("--dsd2-pruning", choices=list(PRUNING_SPLITS), default="magnitude")

@@ -224,3 +224,17 @@ def test_the_prune_command_takes_a_denoising_task(tmp_path):
     refused = subprocess.run(command[:6] + ["loop_models:tiny_dit"] + command[7:-1] + [str(tmp_path / "other")],
                              cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "without train, validation, test, example" in refused.stderr
+
+
+def test_only_restricts_the_choice_to_the_dit_mlp_gelus():
+    objective = Denoising(SCHEDULE.alphas_cumprod)
+    options = dict(data=denoising_task(), objective=objective, epochs_per_step=0, steps=1, max_drop=1.0,
+                   progress=False, train_config=TrainConfig(batch_size=8, progress=False))
+    result = fxcompress.prune(tiny_dit(), denoiser_inputs(), method="easier", only=r"\.ff\.", **options)
+    chosen, = result.trajectory.steps[1]["chosen"]
+    assert chosen.startswith("dit.transformer_blocks.") and ".ff." in chosen and chosen.endswith(":gelu")
+    assert result.trajectory.steps[1]["macs_ratio"] < 0.9  # the MLP collapsed into one linear
+    with pytest.raises(OptionError, match="regular expression"):
+        fxcompress.prune(tiny_dit(), denoiser_inputs(), method="easier", only="(", **options)
+    with pytest.raises(OptionError, match="does not apply"):
+        fxcompress.prune(tiny_dit(), denoiser_inputs(), method="magnitude", only="ff", **options)

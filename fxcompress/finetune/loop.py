@@ -64,6 +64,7 @@ class LoopConfig:
     projections: int = 50  # LaCoOT's max-sliced Wasserstein projections
     calibration_batches: int = 4
     save_steps: bool = False  # with `out`, every step's plan and weights too, in steps/<step>.pt (as kept.pt)
+    only: str | None = None  # a regular expression: the method chooses only targets whose names it matches
     seed: int = 0
 
     def __post_init__(self):
@@ -95,7 +96,10 @@ class LoopConfig:
                    "dsd2": {"pruning": self.dsd2_pruning}}.get(self.method, {})
         if self.method in ("egp", "magnitude", "dsd2"):
             options["rate"] = self.prune_rate
-        return make_method(self.method, self.selection, **options)
+        method = make_method(self.method, self.selection, **options)
+        if self.only is not None:
+            method.restrict(self.only)
+        return method
 
     @property
     def latency(self) -> bool:

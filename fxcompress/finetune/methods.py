@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ class Method:
 
     name = ""
     distillation: tuple[float, float] | None = None  # (weight, temperature) the loop distils with (DSD²)
+    only: re.Pattern | None = None  # `restrict`: the targets the method may choose
 
     def __init__(self, selection: str = "criterion"):
         if selection not in SELECTIONS:
@@ -118,10 +120,18 @@ class Method:
 
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         gm = planned_graph(model, inputs.example_inputs)
-        candidates = self.candidates(gm, model, inputs)
+        candidates = [choice for choice in self.candidates(gm, model, inputs)
+                      if self.only is None or self.only.search(choice.target)]
         chosen = latency_choice(gm, candidates, count, inputs.example_inputs) \
             if self.selection == "latency" and candidates else []
         return chosen or self.take(gm, candidates, count, inputs.example_inputs)
+
+    def restrict(self, pattern: str) -> None:
+        """Choose only the activations or blocks whose stable names `pattern` (a regular expression) matches."""
+        try:
+            self.only = re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise OptionError(f"option 'only' must be a regular expression, got {pattern!r}: {error}") from error
 
     @property
     def needs_trainer(self) -> bool:
@@ -271,6 +281,9 @@ class Pruning(Method):
 
     split = "magnitude"
     default_rate = 0.5  # of the unpruned weights per round (EGP; the baseline uses the same schedule)
+
+    def restrict(self, pattern: str) -> None:
+        raise OptionError(f"method {self.name!r} prunes weights over the whole model: option 'only' does not apply")
 
     def __init__(self, selection: str = "criterion", rate: float | None = None):
         super().__init__(selection)
