@@ -211,7 +211,8 @@ def prune_command(args) -> int:
         data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
                                     test_samples=args.test_samples, seed=args.seed, flip=True)
         model = with_classes(load_model(args.model), data.classes)
-        example, objective = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)),), None
+        example = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)),)
+        objective = None
     else:
         data = load_task(args.data)
         model, example, objective = load_model(args.model), tuple(data.example), getattr(data, "objective", None)
@@ -387,7 +388,8 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--projections", type=_positive_int, default=50, help="LaCoOT's max-sliced projections")
     sub.add_argument("--train-samples", type=_positive_int, help="cap on the training split (fashion-mnist)")
     sub.add_argument("--validation-samples", type=_positive_int, default=2000, help="(fashion-mnist)")
-    sub.add_argument("--test-samples", type=_positive_int, help="cap on the test split (fashion-mnist; default: all 10k)")
+    sub.add_argument("--test-samples", type=_positive_int,
+                     help="cap on the test split (fashion-mnist; default: all 10k)")
     sub.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
     sub.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
     sub.add_argument("--lr", type=float, default=0.01)

@@ -86,9 +86,10 @@ def planned_model(model: torch.nn.Module, example_inputs) -> torch.nn.Module:
 class BlockDistanceRegulariser:
     """The LaCoOT penalty for `trainer.train(..., regulariser=)`: weight * the mean over the block forwards
     recorded since the last call of the block distances of the monitored blocks (`blocks`: name -> adds, default
-    `monitored_blocks` of the model's planned graph). The projections are drawn afresh for each block and batch, from seeds drawn from
-    torch's global RNG (`train` seeds it, so runs repeat); POT's generator makes them. The penalty is computed in
-    float32. `model` must be planned (`apply_plan`); weight 0 is refused (train without a regulariser)."""
+    `monitored_blocks` of the model's planned graph). The projections are drawn afresh for each block and batch,
+    from seeds drawn from torch's global RNG (`train` seeds it, so runs repeat); POT's generator makes them. The
+    penalty is computed in float32. `model` must be planned (`apply_plan`); weight 0 is refused (train without a
+    regulariser)."""
 
     def __init__(self, model: torch.nn.Module, example_inputs, weight: float, projections: int = 50,
                  blocks: dict[str, tuple[str, ...]] | None = None):

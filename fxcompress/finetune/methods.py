@@ -226,7 +226,8 @@ def _validation_loss(model: torch.nn.Module, inputs: StepInputs) -> float:
 
 class Lacoot(Method):
     """LaCoOT's choices: the monitored blocks still present, smallest block distance first, each removed by
-    `remove_block` of its adds (a transformer layer's attention and MLP together); the distances are measured on the step's calibration batches (`block_distances`).
+    `remove_block` of its adds (a transformer layer's attention and MLP together); the distances are measured on
+    the step's calibration batches (`block_distances`).
     `regulariser` gives the training penalty of weight `weight` (None at weight 0: plain training, the
     baseline), with `projections` random projections."""
 
