@@ -11,11 +11,11 @@ epsilon MSE at uniform timesteps; the score is minus that error on the validatio
 LaCoOT fine-tunes the trained denoiser DENSE_EPOCHS on FINETUNE_SAMPLES images with its block-distance penalty
 (weight LACOOT_WEIGHT; `lacoot-0.05` at the denoising loss's scale; `lacoot-0` without it, the baseline), then
 removes one residual block per step (a UNet resnet or attention block with an identity shortcut, a whole DiT
-block), smallest distance first, without fine-tuning, to the last block. EASIER linearises one GELU of the DiT's MLPs per step (`only`: not the SiLUs of
-its conditioning MLPs; the MLP then collapses into one linear) and fine-tunes one epoch. Every step's weights are
-kept (`save_steps`), so `quality` samples each step. Sampling: DDIM, SAMPLE_STEPS steps, eager, the same seeds
-for every model. Runs are resumable
-(bench/runs/diffusion/, not committed); results go to bench/results/diffusion/.
+block), smallest distance first, without fine-tuning, to the last block. EASIER linearises one GELU of the DiT's
+MLPs per step (`only`: not the SiLUs of its conditioning MLPs; the MLP then collapses into one linear) and
+fine-tunes one epoch. Every step's weights are kept (`save_steps`), so `quality` samples each step. Sampling:
+DDIM, SAMPLE_STEPS steps, eager, the same seeds for every model. Runs are resumable (bench/runs/diffusion/, not
+committed); results go to bench/results/diffusion/.
 """
 from __future__ import annotations
 
