@@ -146,7 +146,7 @@ def quality(kind: str) -> None:
         dense = step_model(kind, method, 0, TIME_BATCH)
         grids = []
         for step in steps:
-            model = step_model(kind, method, step["step"], TIME_BATCH)
+            model = dense if step["step"] == 0 else step_model(kind, method, step["step"], TIME_BATCH)
             key = str(step["step"])
             if key not in entry:
                 seconds, ratio = time_ratio(dense, model, batch=TIME_BATCH)

@@ -217,8 +217,7 @@ def prune_command(args) -> int:
         data = load_task(args.data)
         model, example, objective = load_model(args.model), tuple(data.example), getattr(data, "objective", None)
     result = prune(model, example, method=args.method, data=data, objective=objective, train_config=train_config,
-                   out=out,
-                   resume=args.resume, device=str(distributed.device_for_rank()), steps=args.steps,
+                   out=out, resume=args.resume, device=str(distributed.device_for_rank()), steps=args.steps,
                    per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
                    latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
@@ -242,9 +241,6 @@ def prune_command(args) -> int:
     return 0
 
 
-TASK_FIELDS = ("train", "validation", "test", "example")
-
-
 def load_task(reference: str):
     """The task of `--data package.module:factory`: an object with train, validation and test datasets and the
     model's example inputs, optionally an objective."""
@@ -252,8 +248,8 @@ def load_task(reference: str):
         raise OptionError(f"--data must be fashion-mnist or package.module:factory, got {reference!r}")
     task = call_reference(reference, "data reference")
     splits = (torch.utils.data.Dataset, torch.utils.data.DataLoader)
-    missing = [name for name in TASK_FIELDS if not (isinstance(getattr(task, name, None), splits)
-                                                    if name != "example" else hasattr(task, name))]
+    missing = [name for name in ("train", "validation", "test") if not isinstance(getattr(task, name, None), splits)]
+    missing += [] if hasattr(task, "example") else ["example"]
     if missing:
         raise OptionError(f"{reference} returned a {type(task).__name__} without {', '.join(missing)}: a task has "
                           "train, validation and test (datasets or DataLoaders), example and optionally objective")

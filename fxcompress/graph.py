@@ -96,6 +96,11 @@ def names_of_kind(gm: fx.GraphModule, *kinds: str) -> list[str]:
     return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind in kinds]
 
 
+def module_of(name: str) -> str:
+    """The module path of a stable name `<module path>:<op>#k`."""
+    return name.rpartition(":")[0]
+
+
 def module_path(node: fx.Node) -> str:
     """The dotted path of the innermost module that produced `node`, the same for export and dynamo."""
     stack = node.meta.get("nn_module_stack") or {}

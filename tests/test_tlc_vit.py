@@ -113,17 +113,9 @@ def test_tlc_linearises_gelu_mlps_without_their_off_channels_as_the_hand_built_m
         BATCH * tokens * 2 * (2 * width * hidden - width * width)
 
 
-def test_the_planned_timm_vit_equals_the_hand_built_mlp(one_thread):
-    model = timm_vit()
-    choices = tlc_choices(model, 2)
-    planned = apply_plan(model, Plan(tuple(d for choice in choices for d in choice.decisions)), EXAMPLE)
-    expected = reference(model, [choice.target for choice in choices])
-    with torch.no_grad():
-        torch.testing.assert_close(planned(*FRESH), expected(*FRESH), rtol=1e-4, atol=1e-5)
-
-
-def test_the_planned_torchvision_vit_equals_the_hand_built_mlp(one_thread):
-    model = torchvision_vit()
+@pytest.mark.parametrize("build", [timm_vit, torchvision_vit], ids=["timm", "torchvision"])
+def test_the_planned_vit_equals_the_hand_built_mlp(build, one_thread):
+    model = build()
     choices = tlc_choices(model, 2)
     planned = apply_plan(model, Plan(tuple(d for choice in choices for d in choice.decisions)), EXAMPLE)
     expected = reference(model, [choice.target for choice in choices])

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..api import compress
 from ..errors import OptionError, PassError, PlanError, finite_number
+from ..graph import module_of
 from ..measure import measure
 from ..plan import Decision, Plan
 from . import distributed
@@ -130,7 +131,7 @@ class PruneResult:
 
 def removed_blocks(plan: Plan) -> int:
     """The modules whose residual adds `plan` removes: the blocks removed (a transformer layer has two adds)."""
-    return len({target.rsplit(":", 1)[0] for target in plan.targets("remove_block")})
+    return len({module_of(target) for target in plan.targets("remove_block")})
 
 
 def _decisions(choices: list) -> tuple[Decision, ...]:

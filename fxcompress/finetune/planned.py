@@ -39,7 +39,7 @@ from ..blocks import ChannelGroup, channel_group, residual_block
 from ..capture import capture, check_inputs, is_planned, private_copy
 from ..config import CompressConfig
 from ..errors import PlanError
-from ..graph import annotate_names, annotate_shapes, channel_axis, names_of_kind, stable_name
+from ..graph import annotate_names, annotate_shapes, channel_axis, module_of, names_of_kind, stable_name
 from ..ops import _TABLE, bind
 from ..pipeline import check_plan, compress_graph
 from ..plan import Plan
@@ -340,8 +340,8 @@ def _visible(graph_sites: list[str], seen: list[str], edited) -> list[str]:
     """The graph's call sites that the call-time mode can see: all but those of a module none of whose calls is
     seen, nor edited (torch's multi-head attention calls its linears inside one overridable function, which the
     mode sees as a whole: their numbering cannot shift the other sites', and the outputs are still compared)."""
-    called = {site.rpartition(":")[0] for site in seen} | {site.rpartition(":")[0] for site in edited}
-    return [site for site in graph_sites if site.rpartition(":")[0] in called]
+    called = {module_of(site) for site in (*seen, *edited)}
+    return [site for site in graph_sites if module_of(site) in called]
 
 
 def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
