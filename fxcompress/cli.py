@@ -221,10 +221,8 @@ def prune_command(args) -> int:
                    per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
                    latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
-                   selection=args.selection, tlc_rank=args.tlc_rank, prune_rate=args.prune_rate,
-                   dsd2_pruning=args.dsd2_pruning, lacoot_weight=args.lacoot_weight, projections=args.projections,
-                   only=args.only,
-                   seed=args.seed)
+                   selection=args.selection, method_options=method_options(args), only=args.only, seed=args.seed,
+                   anneal=args.anneal, latency_threads=args.latency_threads)
     if distributed.is_main():
         compressed = compress(result.model, example)
         artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32")
@@ -239,6 +237,31 @@ def prune_command(args) -> int:
         print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {out / 'model.pt'}, {artifact}")
     distributed.shutdown()
     return 0
+
+
+def _method_flags() -> dict[str, tuple]:
+    """Each method option's flag -> (its argparse destination, the options declaring it, by method)."""
+    from .finetune.methods import METHODS
+
+    flags: dict[str, tuple] = {}
+    for name, method in METHODS.items():
+        for option in method.options:
+            dest = option.cli_flag[2:].replace("-", "_")
+            flags.setdefault(option.cli_flag, (dest, {}))[1][name] = option
+    return flags
+
+
+def method_options(args) -> dict:
+    """The options of `args.method` given on the command line; a flag of another method is refused."""
+    options = {}
+    for flag, (dest, declared) in _method_flags().items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if args.method not in declared:
+            raise OptionError(f"{flag} is an option of method {' / '.join(declared)}, not of {args.method}")
+        options[declared[args.method].name] = value
+    return options
 
 
 def load_task(reference: str):
@@ -279,6 +302,10 @@ def _non_negative(text: str) -> float:
     return _checked(text, float, lambda value: 0 <= value < float("inf"), "a number >= 0")
 
 
+def _checked_anneal(text: str) -> float:
+    return _checked(text, float, lambda value: 0 <= value < 1, "a number in [0, 1)")
+
+
 def _batch_sizes(text: str) -> list[int]:
     try:
         return [_positive_int(b) for b in text.split(",")]
@@ -296,6 +323,21 @@ def _lowerings(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; valid: {', '.join(LOWERINGS)}")
     return names
+
+
+def _option_type(option):
+    """The argparse type of a method option: its type, numbers checked against its bounds."""
+    if option.type is bool:
+        return lambda text: _checked(text, lambda value: {"true": True, "false": False}.get(value.lower()),
+                                     lambda value: True, "true or false")
+    if option.type not in (int, float):
+        return option.type
+    low, high = option.bounds
+    what = "an integer" if option.type is int else "a number"
+    expected = f"{what} in [{low:g}, {high:g}]" if high < float("inf") else \
+        f"{what} >= {low:g}" if low > float("-inf") else what
+    return lambda text: _checked(text, option.type, lambda value: low <= value <= high, expected)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prune_parser(commands) -> None:
-    from .finetune.methods import METHODS, PRUNING_SPLITS, SELECTIONS, TLC_RANKS
+    from .finetune.methods import METHODS, SELECTIONS
     from .finetune.trainer import OPTIMIZERS, SCHEDULES
 
     sub = commands.add_parser("prune", help="make a model shallower by a method's fine-tuning loop")
@@ -373,15 +415,16 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--latency-ratio", type=_fraction, help="budget: compressed / dense latency on --lowering")
     sub.add_argument("--latency", action="store_true", help="measure the latency ratio at every step")
     sub.add_argument("--lowering", choices=["onnxruntime", "inductor", "eager"], default="onnxruntime")
+    sub.add_argument("--latency-threads", type=_positive_int, help="CPU threads latency is measured on "
+                     "(default: those training runs on)")
+    sub.add_argument("--anneal", type=_checked_anneal, default=0.0,
+                     help="fraction of each step's fine-tuning over which its decisions are blended in (0: at once)")
     sub.add_argument("--selection", choices=list(SELECTIONS), default="criterion")
-    sub.add_argument("--tlc-rank", choices=list(TLC_RANKS), default="error")
     sub.add_argument("--only", help="a regular expression: choose only activations or blocks whose names match")
-    sub.add_argument("--prune-rate", type=_fraction,
-                     help="egp, magnitude, dsd2: fraction of the unpruned weights pruned per step (0.5; dsd2 0.2)")
-    sub.add_argument("--dsd2-pruning", choices=list(PRUNING_SPLITS), default="magnitude")
-    sub.add_argument("--lacoot-weight", type=_non_negative, default=9.0,
-                     help="LaCoOT's lambda (0: plain training, the baseline)")
-    sub.add_argument("--projections", type=_positive_int, default=50, help="LaCoOT's max-sliced projections")
+    for flag, (dest, declared) in _method_flags().items():
+        option = next(iter(declared.values()))
+        sub.add_argument(flag, dest=dest, type=_option_type(option), choices=list(option.choices) or None,
+                         help=f"{', '.join(declared)}: {option.help} (default {option.default})")
     sub.add_argument("--train-samples", type=_positive_int, help="cap on the training split (fashion-mnist)")
     sub.add_argument("--validation-samples", type=_positive_int, default=2000, help="(fashion-mnist)")
     sub.add_argument("--test-samples", type=_positive_int,

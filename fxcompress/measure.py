@@ -7,7 +7,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import fx
@@ -34,6 +35,32 @@ def _timer(device: str) -> Callable[[Callable], float]:
         run()
         return (time.perf_counter() - start) * 1e3
     return cpu_time
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch (and the ONNX Runtime sessions made meanwhile) on `count` threads while open; None leaves them."""
+    if count is None:
+        yield
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise OptionError(f"option 'threads' must be an integer >= 1, got {count!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def speedup(ratio: float) -> str:
+    """A latency ratio (compressed / original) in words, the one wording every report uses: "1.52× faster",
+    "1.03× slower", "as fast (1.00×)"."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
+        raise OptionError(f"a latency ratio must be a positive finite number, got {ratio!r}")
+    if f"{ratio:.2f}" == "1.00" and f"{1 / ratio:.2f}" == "1.00":
+        return "as fast (1.00×)"
+    return f"{1 / ratio:.2f}× faster" if ratio < 1 else f"{ratio:.2f}× slower"
 
 
 def machine() -> dict:
@@ -111,11 +138,12 @@ def _check_counts(warmup: int, repeats: int) -> None:
 
 
 def measure(models: dict[str, torch.nn.Module], example_inputs, *, lowering: str = "eager",
-            warmup: int = 3, repeats: int = 20, device: str = "cpu") -> dict:
+            warmup: int = 3, repeats: int = 20, device: str = "cpu", threads: int | None = None) -> dict:
     """Lower every model with `lowering` and time them interleaved; the first is the baseline.
 
     `example_inputs` is a tensor or a tuple of tensors, as for `compress`. Models are nn.Modules in eval mode
     (a BatchNorm in training mode is refused: measuring never writes to a model) or ExportedPrograms.
+    `threads` runs the lowering and the timing on that many CPU threads (default: torch's current number).
     Returns {"results": {name: {median_ms, q1_ms, q3_ms, ratio}}, "lowering", "batch", "device", "machine"}.
     """
     if not isinstance(models, dict) or not models:
@@ -125,7 +153,8 @@ def measure(models: dict[str, torch.nn.Module], example_inputs, *, lowering: str
     kind = _check_device(device)
     modules = {name: _check_model(name, model) for name, model in models.items()}
     inputs = tuple(t.to(device) for t in _check_inputs(example_inputs))
-    runners = {name: lower_module(model if kind == "cpu" else private_copy(model).to(device), inputs, lowering)
-               for name, model in modules.items()}
-    return {"results": measure_latency(runners, inputs, warmup=warmup, repeats=repeats, device=kind),
-            "lowering": lowering, "batch": int(inputs[0].shape[0]), "device": device, "machine": machine()}
+    with torch_threads(threads):
+        runners = {name: lower_module(model if kind == "cpu" else private_copy(model).to(device), inputs, lowering)
+                   for name, model in modules.items()}
+        return {"results": measure_latency(runners, inputs, warmup=warmup, repeats=repeats, device=kind),
+                "lowering": lowering, "batch": int(inputs[0].shape[0]), "device": device, "machine": machine()}

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxcompress
 from fxcompress.errors import OptionError, PlanError
-from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances, monitored_blocks
+from fxcompress.blocks import monitored_blocks
+from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances
 from fxcompress.finetune.methods import Lacoot, StepInputs
 from fxcompress.finetune.planned import apply_plan, planned_graph, recording
 from fxcompress.finetune.trainer import TrainConfig, train
@@ -261,7 +262,7 @@ def _loop_data():
 @pytest.mark.parametrize("weight", [0.0, 5.0])
 def test_the_loop_trains_then_removes_blocks_without_fine_tuning_and_resumes(weight, tmp_path):
     options = dict(method="lacoot", data=_loop_data(), train_config=TrainConfig(batch_size=16, progress=False),
-                   lacoot_weight=weight, dense_epochs=1, epochs_per_step=0, max_drop=1.0, progress=False)
+                   method_options={"weight": weight}, dense_epochs=1, epochs_per_step=0, max_drop=1.0, progress=False)
     whole = fxcompress.prune(Net(scales=(1.0, 0.1)), x, steps=2, **options)
     steps = whole.trajectory.steps
     assert [step["blocks_removed"] for step in steps] == [0, 1, 2]
@@ -279,11 +280,11 @@ def test_the_regulariser_changes_training_and_needs_the_built_in_trainer():
     data = _loop_data()
     losses = {}
     for weight in (0.0, 5.0):
-        result = fxcompress.prune(Net(), x, method="lacoot", data=data, lacoot_weight=weight, dense_epochs=1,
+        result = fxcompress.prune(Net(), x, method="lacoot", data=data, method_options={"weight": weight}, dense_epochs=1,
                                   steps=0, train_config=TrainConfig(batch_size=16, progress=False), progress=False)
         losses[weight] = result.model.a.conv2.weight.detach().clone()
     assert not torch.equal(losses[0.0], losses[5.0])
     with pytest.raises(OptionError, match="built-in trainer"):
         fxcompress.prune(Net(), x, method="lacoot", finetune=lambda model: None, evaluate=lambda model: 1.0)
-    fxcompress.prune(Net(), x, method="lacoot", lacoot_weight=0.0, steps=1, finetune=lambda model: None,
+    fxcompress.prune(Net(), x, method="lacoot", method_options={"weight": 0.0}, steps=1, finetune=lambda model: None,
                      evaluate=lambda model: 1.0, calibration=[x], progress=False)

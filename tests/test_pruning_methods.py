@@ -151,9 +151,10 @@ def test_distilling_methods_refuse_callables():
 
 
 def test_bad_pruning_options_are_refused():
-    for options in ({"prune_rate": 1.0}, {"prune_rate": 0}, {"dsd2_pruning": "random"}):
-        with pytest.raises(OptionError):
-            fxcompress.prune(small_cnn(), X16, method="dsd2", data=object(), **options)
+    for options, message in (({"rate": 1.0}, "prune rate must be in"), ({"rate": 0}, "prune rate must be in"),
+                             ({"pruning": "random"}, "DSD2 pruning must be one of")):
+        with pytest.raises(OptionError, match=message):
+            fxcompress.prune(small_cnn(), X16, method="dsd2", data=object(), method_options=options)
     assert math.isclose(Egp().rate, 0.5)
 
 

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 import fxcompress
 from fxcompress.errors import OptionError
-from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances, monitored_blocks
+from fxcompress.blocks import monitored_blocks
+from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances
 from fxcompress.finetune.methods import Lacoot, StepInputs
 from fxcompress.finetune.objectives import Denoising
 from fxcompress.finetune.planned import apply_plan, planned_graph
@@ -167,7 +168,7 @@ def test_lacoot_on_a_dit_removes_the_chosen_layer_and_the_model_still_samples(tm
                 parameter.mul_(0.05)
     data, example = denoising_task(), denoiser_inputs()
     objective = Denoising(SCHEDULE.alphas_cumprod)
-    result = fxcompress.prune(model, example, method="lacoot", data=data, objective=objective, lacoot_weight=1.0,
+    result = fxcompress.prune(model, example, method="lacoot", data=data, objective=objective, method_options={"weight": 1.0},
                               epochs_per_step=0, steps=1, max_drop=1.0, progress=False, out=tmp_path,
                               save_steps=True,
                               train_config=TrainConfig(batch_size=8, optimizer="adamw", lr=1e-3, progress=False))

@@ -23,36 +23,14 @@ from typing import Iterator
 import torch
 from torch import fx
 
-from ..blocks import residual_block
+from ..blocks import monitored_blocks
 from ..capture import is_planned
 from ..criteria import block_distance
 from ..errors import OptionError, PlanError, finite_number
-from ..graph import module_path, stable_name
 from ..plan import Plan
 from .planned import EvalMode, apply_plan, planned_graph, recording
 
 CALIBRATION_SEED = 0  # the projections of `block_distances`: the same for every batch and every call
-
-
-def monitored_blocks(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
-    """The blocks of `gm` (a captured graph with names and shapes: the planned graph of a model, where removed
-    blocks are gone), in graph order: block name -> the stable names of its residual adds. The adds are those
-    `remove_block` can target whose shortcut is the block input itself; consecutive adds of one module form one
-    block where each reads the previous one's result as its shortcut (a transformer layer's attention and MLP).
-    A block is named by its module, or by its adds where its module holds several blocks. Adds with a
-    projection shortcut (torchvision's `downsample`) change the shape of their input and are not monitored."""
-    chains: list[list[fx.Node]] = []
-    for node in gm.graph.nodes:
-        block = residual_block(node)
-        if not block or block[1] is not block[0]:
-            continue
-        if chains and block[0] is chains[-1][-1] and module_path(node) == module_path(block[0]):
-            chains[-1].append(node)
-        else:
-            chains.append([node])
-    modules = [module_path(chain[0]) for chain in chains]
-    return {module if module and modules.count(module) == 1 else "+".join(map(stable_name, chain)):
-            tuple(map(stable_name, chain)) for module, chain in zip(modules, chains)}
 
 
 def block_pairs(recorded: list, blocks: dict[str, tuple[str, ...]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -30,16 +30,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..api import compress
-from ..errors import OptionError, PassError, PlanError, finite_number
+from ..data import ImageSet
+from ..errors import OptionError, PassError, PlanError, finite_number, known_fields
 from ..graph import module_of
 from ..measure import measure
 from ..plan import Decision, Plan
 from . import distributed
+from . import oneshot  # noqa: F401  (registers the "oneshot" method)
 from .methods import Method, StepInputs, make_method
-from .planned import apply_plan, base_of, plan_of
+from .planned import apply_plan, base_of, blending, plan_of
 from .sparsity import masks_of, plain_state_dict, set_masks, weight_sparsity
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
 
@@ -57,13 +59,11 @@ class LoopConfig:
     latency_ratio: float | None = None  # budget: compressed latency / dense latency on `lowering`
     lowering: str = "onnxruntime"
     measure_latency: bool = False  # record latency ratios every step (always with a latency_ratio budget)
+    latency_threads: int | None = None  # CPU threads latency is measured on (None: those training runs on)
     selection: str = "criterion"
-    tlc_rank: str = "error"
-    prune_rate: float | None = None  # pruning methods: fraction of the unpruned weights per round (None: theirs)
-    dsd2_pruning: str = "magnitude"  # DSD²'s pruning: "magnitude" or "egp"
-    lacoot_weight: float = 9.0  # LaCoOT's lambda (0: plain training, the baseline)
-    projections: int = 50  # LaCoOT's max-sliced Wasserstein projections
+    method_options: dict = field(default_factory=dict)  # the method's own (`Method.options`), all of them once made
     calibration_batches: int = 4
+    anneal: float = 0.0  # fraction of each step's fine-tune over which its new decisions are blended in (0: at once)
     save_steps: bool = False  # with `out`, every step's plan and weights too, in steps/<step>.pt (as kept.pt)
     only: str | None = None  # a regular expression: the method chooses only targets whose names it matches
     seed: int = 0
@@ -71,16 +71,18 @@ class LoopConfig:
     def __post_init__(self):
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
             raise OptionError(f"steps must be an int >= 0, got {self.steps!r}")
-        for name in ("per_step", "calibration_batches", "projections"):
+        for name in ("per_step", "calibration_batches"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("epochs_per_step", "dense_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise OptionError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.latency_threads is not None and (not isinstance(self.latency_threads, int) or self.latency_threads < 1):
+            raise OptionError(f"latency_threads must be an int >= 1 or None, got {self.latency_threads!r}")
+        if not 0 <= finite_number("anneal", self.anneal) < 1:
+            raise OptionError(f"anneal must be in [0, 1), got {self.anneal!r}")
         if not isinstance(self.save_steps, bool):
             raise OptionError(f"save_steps must be a bool, got {self.save_steps!r}")
-        if finite_number("lacoot_weight", self.lacoot_weight) < 0:
-            raise OptionError(f"lacoot_weight must be >= 0, got {self.lacoot_weight!r}")
         if not 0 <= finite_number("max_drop", self.max_drop) <= 1:
             raise OptionError(f"max_drop must be in [0, 1], got {self.max_drop!r}")
         if self.activations is not None and (not isinstance(self.activations, int) or self.activations < 1):
@@ -89,15 +91,12 @@ class LoopConfig:
             value = getattr(self, name)
             if value is not None and not 0 < finite_number(f"budget '{name}'", value) <= 1:
                 raise OptionError(f"budget '{name}' must be in (0, 1], got {value!r}")
-        self.make_method()
+        if not isinstance(self.method_options, dict):
+            raise OptionError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        object.__setattr__(self, "method_options", self.make_method().option_values())
 
-    def make_method(self):
-        options = {"tlc": {"rank": self.tlc_rank},
-                   "lacoot": {"weight": self.lacoot_weight, "projections": self.projections},
-                   "dsd2": {"pruning": self.dsd2_pruning}}.get(self.method, {})
-        if self.method in ("egp", "magnitude", "dsd2"):
-            options["rate"] = self.prune_rate
-        method = make_method(self.method, self.selection, **options)
+    def make_method(self) -> Method:
+        method = make_method(self.method, self.selection, self.method_options)
         if self.only is not None:
             method.restrict(self.only)
         return method
@@ -159,11 +158,32 @@ class _BuiltIn:
         self.data, self.config, self.device, self.objective = data, config, device, objective
         self.teacher = None  # the dense model, distilled where config.distill > 0
 
-    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None) -> None:
-        train(model, self.data.train, self.config, epochs, seed=seed, device=self.device,
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None) -> None:
+        """Train `model` in place; distilling the dense model where asked, once there is one (the dense step
+        trains plainly)."""
+        config = self.config if self.teacher is not None else dataclasses.replace(self.config, distill=0.0)
+        train(model, self.data.train, config, epochs, seed=seed, device=self.device,
               find_unused_parameters=bool(plan_of(model).targets("remove_block")),
-              teacher=self.teacher if self.config.distill else None, regulariser=regulariser,
-              objective=self.objective)
+              teacher=self.teacher if config.distill else None, regulariser=regulariser,
+              objective=self.objective, on_batch=on_batch)
+
+    def probe(self, model: torch.nn.Module, batches: int, samples: int, seed: int) -> float:
+        """`model` trained for `batches` batches (no distillation), then scored on the first `samples` validation
+        samples: the objective's score, or the negative cross-entropy (`oneshot.probe_costs`)."""
+        config = dataclasses.replace(self.config, max_batches=batches, distill=0.0, progress=False)
+        train(model, self.data.train, config, 1, seed=seed, device=self.device,
+              find_unused_parameters=bool(plan_of(model).targets("remove_block")), objective=self.objective)
+        split = self.data.validation
+        if isinstance(split, DataLoader):
+            loader_batches = math.ceil(samples / (split.batch_size or 1))
+            split = list(itertools.islice(split, loader_batches))
+        elif isinstance(split, ImageSet):
+            split = split.subset(torch.arange(min(samples, len(split))))
+        else:
+            split = Subset(split, range(min(samples, len(split))))
+        if self.objective is not None:
+            return self.objective.score(model, _in_order(split, self.config.batch_size), self.device)
+        return -evaluate_on(model, split, device=self.device).loss
 
     def validation(self, model: torch.nn.Module) -> float:
         return self.score(model, self.data.validation)
@@ -180,9 +200,13 @@ class _BuiltIn:
 class _Callables:
     def __init__(self, finetune: Callable, evaluate: Callable, test: Callable | None):
         self.finetune_fn, self.evaluate_fn, self.test_fn = finetune, evaluate, test
-        self.teacher = None
+        self.teacher, self.device = None, "cpu"
 
-    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None) -> None:
+    probe = None  # the one-shot selection's probes need the built-in trainer
+
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None) -> None:
+        if on_batch is not None:
+            raise OptionError("anneal blends decisions in batch by batch: it needs the built-in trainer (data=)")
         torch.manual_seed(seed)
         for _ in range(epochs):
             self.finetune_fn(model.train())
@@ -277,9 +301,18 @@ class _Loop:
         set_masks(base, state["masks"])
         return apply_plan(base.eval(), Plan.from_dict(state["plan"]), self.example_inputs)
 
-    def finetune(self, epochs: int, seed: int) -> None:
-        if epochs:
-            self.runner.finetune(self.model, epochs, seed, self.method.regulariser(self.model, self.example_inputs))
+    def finetune(self, epochs: int, seed: int, since: torch.nn.Module | None = None) -> None:
+        """Fine-tune the current model; with `anneal`, the decisions it makes and `since` does not are blended in
+        over the first `anneal` of the batches."""
+        if not epochs:
+            return
+        regulariser = self.method.regulariser(self.model, self.example_inputs)
+        if since is None or not self.config.anneal:
+            self.runner.finetune(self.model, epochs, seed, regulariser)
+            return
+        with blending(self.model, since) as set_weight:
+            self.runner.finetune(self.model, epochs, seed, regulariser,
+                                 on_batch=lambda done: set_weight(done / self.config.anneal))
 
     def dense_step(self) -> None:
         started = time.time()
@@ -327,7 +360,7 @@ class _Loop:
                    "dense_weight_layers": before.weight_layers}
         if self.config.latency:
             timing = measure({"dense": self.dense, "compressed": result.module}, self.example_inputs,
-                             lowering=self.config.lowering)
+                             lowering=self.config.lowering, threads=self.config.latency_threads)
             metrics["latency_ratio"] = timing["results"]["compressed"]["ratio"]
             metrics["latency_ms"] = {name: r["median_ms"] for name, r in timing["results"].items()}
         return metrics
@@ -346,7 +379,9 @@ class _Loop:
         choices = None
         if distributed.is_main():
             inputs = StepInputs(self.example_inputs, self.calibration, self.validation_batch,
-                                random.Random(self.config.seed * 1000 + step), self.progress)
+                                random.Random(self.config.seed * 1000 + step), self.progress, self.config.lowering,
+                                self.runner.device, self.config.latency_threads, self.runner.probe, self.out,
+                                self.config.latency_ratio)
             choices = self.method.choose(self.model.eval(), inputs, self.config.per_step)
         return distributed.broadcast_object(choices)
 
@@ -387,8 +422,8 @@ class _Loop:
             if choices and not applied:
                 stop = "none of the chosen decisions can be applied"
                 break
-            self.model, choices = model, applied
-            self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step)
+            previous, self.model, choices = self.model, model, applied
+            self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step, since=previous)
             self.record(step, choices, started)
         self.trajectory.stopped = stop
         self.save(False)
@@ -398,6 +433,8 @@ class _Loop:
         last = self.trajectory.steps[-1]
         if not last["within_tolerance"]:
             return f"validation dropped {last['drop']:.4f} > max_drop {self.config.max_drop}"
+        if last["step"] > 0 and self.method.once:
+            return f"method {self.method.name!r} chose its whole plan in step 1"
         if last["step"] > 0 and (met := self.budget_met(last)):
             return met
         if self.config.steps is not None and step > self.config.steps:
@@ -415,14 +452,30 @@ class _Loop:
         return PruneResult(model.eval(), plan_of(model), self.trajectory)
 
 
-def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", data=None,
+def loop_config(method: "str | Method", options: dict) -> LoopConfig:
+    """The loop's settings for `method` (a name of `methods.METHODS`, or a method made with its options) and the
+    `LoopConfig` fields in `options`; unknown names are an OptionError listing the valid ones."""
+    options = known_fields("prune", options, LoopConfig)
+    if isinstance(method, Method):
+        given = sorted({"method_options", "selection", "only"} & set(options))
+        if given:
+            raise OptionError(f"give {', '.join(given)} to the method object, not to prune")
+        options = {**options, "method_options": method.option_values(), "selection": method.selection,
+                   "only": None if method.only is None else method.only.pattern}
+        method = method.name
+    return LoopConfig(method=method, **options)
+
+
+def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "easier", data=None,
           train_config: TrainConfig | None = None, finetune: Callable | None = None,
           evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
           objective=None, out: str | Path | None = None, resume: bool = False, device: str = "cpu",
           progress: bool = True, **options) -> PruneResult:
     """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
-    "dsd2", "random", "control") by the fine-tuning loop (module docstring). DSD² distils with its alpha and T
-    unless `train_config` sets its own distillation. Options are the fields of `LoopConfig`. Give either `data`
+    "dsd2", "oneshot", "random", "control", or a method object such as `Tlc(rank="loss")`) by the fine-tuning loop
+    (module docstring). A method's own options go in `method_options` (`Method.options`) or on the object. DSD²
+    distils with its alpha and T unless `train_config` sets its own distillation. Options are the fields of
+    `LoopConfig`. Give either `data`
     (an object with `train`, `validation` and `test`: datasets, as `data.fashion_mnist_splits` returns, or
     DataLoaders, used as they are, for the built-in trainer configured by `train_config`) or `finetune` and
     `evaluate` callables (then `calibration` batches for the methods that measure). With the built-in trainer,
@@ -430,7 +483,8 @@ def prune(model: torch.nn.Module, example_inputs, *, method: str = "easier", dat
     its score validates and tests, and calibration batches are its model inputs. `progress` prints a line per
     step and shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
     modified."""
-    config = LoopConfig(method=method, **options)
+    config = loop_config(method, options)
+    method = config.method
     if (data is None) == (finetune is None or evaluate is None):
         raise OptionError("give either data= (for the built-in trainer) or finetune= and evaluate= callables")
     if objective is not None and data is None:

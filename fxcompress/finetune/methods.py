@@ -39,6 +39,8 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +55,37 @@ from ..graph import names_of_kind, real_users, stable_name
 from ..ops import activation_regions, bind
 from ..passes import ANALYSES
 from ..plan import Decision, Plan
+from ..selection.candidates import next_activation
 from ..planner import approximation_error, layer_error, off_decision, regions_refusal
 from ..pipeline import compress_graph
-from .lacoot import BlockDistanceRegulariser, measured_distances, monitored_blocks, planned_model, positive_integer
+from ..blocks import monitored_blocks
+from .lacoot import BlockDistanceRegulariser, measured_distances, planned_model, positive_integer
 from .planned import apply_plan, planned_graph
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
                        layer_magnitude_masks, layer_modules)
 
 TLC_RANKS = ("error", "loss")
+PRUNING_SPLITS = ("magnitude", "egp")
 SELECTIONS = ("criterion", "latency")
 JOINT_LIMIT = 12  # single candidates whose MACs after merging the latency selection measures (and every pair)
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """An option a method declares: its name (a keyword of the method's constructor and a key of `prune`'s
+    `method_options`), default, type (int, float, str, bool), allowed values, command-line flag and help."""
+
+    name: str
+    default: object
+    help: str
+    type: type = float
+    choices: tuple = ()
+    flag: str = ""  # without the leading dashes; default: the name with dashes
+    bounds: tuple[float, float] = (float("-inf"), float("inf"))  # of a number, inclusive (the CLI checks them)
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + (self.flag or self.name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -76,13 +99,28 @@ class Choice:
 @dataclass
 class StepInputs:
     """What a method may read to choose: the example inputs, calibration batches (inputs only), one labelled
-    validation batch (TLC's loss ranking) and the step's random generator."""
+    validation batch (TLC's loss ranking), the step's random generator and, for the one-shot selection, where
+    latency is measured, a probe (fine-tune a planned copy briefly, return its validation score: `Probe`) and
+    the run folder to keep its tables in."""
 
     example_inputs: tuple
     calibration: list
     validation_batch: tuple | None
     rng: random.Random
     progress: bool = False  # a progress bar over the calibration batches
+    lowering: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None  # CPU threads latency is measured on (None: torch's current number)
+    probe: "Probe | None" = None
+    folder: Path | None = None
+    latency_ratio: float | None = None  # the loop's latency budget, which the one-shot selection reaches
+
+
+class Probe(Protocol):
+    """Fine-tune `model` (a planned copy, changed in place) for `batches` batches seeded by `seed`, then return its
+    score on the first `samples` validation samples, higher is better."""
+
+    def __call__(self, model: torch.nn.Module, batches: int, samples: int, seed: int) -> float: ...
 
 
 def _analyse(gm: fx.GraphModule, names: tuple[str, ...], inputs: StepInputs) -> None:
@@ -97,6 +135,8 @@ class Method:
     with `selection="latency"`, the best that make the compressed model cheaper (`latency_choice`)."""
 
     name = ""
+    once = False  # chooses the whole plan in one step: the loop then stops after that step
+    options: ClassVar[tuple[MethodOption, ...]] = ()  # the method's own options (`make_method`, the CLI)
     distillation: tuple[float, float] | None = None  # (weight, temperature) the loop distils with (DSD²)
     only: re.Pattern | None = None  # `restrict`: the targets the method may choose
 
@@ -133,6 +173,10 @@ class Method:
         except (re.error, TypeError) as error:
             raise OptionError(f"option 'only' must be a regular expression, got {pattern!r}: {error}") from error
 
+    def option_values(self) -> dict:
+        """The values of the method's options, by name (what a run records and resume compares)."""
+        return {option.name: getattr(self, option.name) for option in self.options}
+
     @property
     def needs_trainer(self) -> bool:
         """Whether the method trains with its own loss, which only the built-in trainer computes."""
@@ -160,6 +204,9 @@ class Easier(Method):
 
 class Tlc(Method):
     name = "tlc"
+    options = (MethodOption("rank", "error", "rank by the expected fraction of misjudged channels (error) or by "
+                            "the loss increase on a validation batch (loss, the published code)", str, TLC_RANKS,
+                            "tlc-rank"),)
 
     def __init__(self, selection: str = "criterion", rank: str = "error"):
         super().__init__(selection)
@@ -232,6 +279,9 @@ class Lacoot(Method):
     baseline), with `projections` random projections."""
 
     name = "lacoot"
+    options = (MethodOption("weight", 9.0, "LaCoOT's lambda (0: plain training, the baseline)", float,
+                            flag="lacoot-weight", bounds=(0, float("inf"))),
+               MethodOption("projections", 50, "LaCoOT's max-sliced projections", int, bounds=(1, float("inf"))))
 
     def __init__(self, selection: str = "criterion", weight: float = 9.0, projections: int = 50):
         super().__init__(selection)
@@ -282,6 +332,8 @@ class Pruning(Method):
 
     split = "magnitude"
     default_rate = 0.5  # of the unpruned weights per round (EGP; the baseline uses the same schedule)
+    options = (MethodOption("rate", None, "fraction of the unpruned weights pruned per step (0.5; dsd2 0.2)",
+                            float, flag="prune-rate", bounds=(0, 1)),)
 
     def restrict(self, pattern: str) -> None:
         raise OptionError(f"method {self.name!r} prunes weights over the whole model: option 'only' does not apply")
@@ -337,12 +389,18 @@ class Dsd2(Pruning):
     name = "dsd2"
     default_rate = 0.2
     distillation = (0.8, 10.0)
+    options = Pruning.options + (MethodOption("pruning", "magnitude", "DSD²'s pruning split", str, PRUNING_SPLITS,
+                                              "dsd2-pruning"),)
 
     def __init__(self, selection: str = "criterion", rate: float | None = None, pruning: str = "magnitude"):
         super().__init__(selection, rate)
         if pruning not in PRUNING_SPLITS:
             raise OptionError(f"DSD2 pruning must be one of {', '.join(PRUNING_SPLITS)}, got {pruning!r}")
         self.split = pruning
+
+    @property
+    def pruning(self) -> str:
+        return self.split
 
 
 def collapse_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
@@ -355,18 +413,6 @@ def collapse_choice(gm: fx.GraphModule, node: fx.Node) -> Choice | None:
     off = [channel for channel, p_on in enumerate(stats.p_on.tolist()) if p_on == 0]
     decisions = linearised_without(gm, node, off)
     return None if decisions is None else Choice(stable_name(node), decisions, 0.0)
-
-
-def next_activation(node: fx.Node) -> fx.Node | None:
-    """The activation that `node`'s output reaches through a chain of single-user ops none of which is an
-    activation (convs, BatchNorms, adds, ...), or None."""
-    current = node
-    while len(users := real_users(current)) == 1:
-        current = users[0]
-        call = bind(current)
-        if call is not None and call.kind == "activation":
-            return current
-    return None
 
 
 def joint_candidates(gm: fx.GraphModule, candidates: list[Choice]) -> list[Choice]:
@@ -431,12 +477,26 @@ def _macs(gm: fx.GraphModule, plan: Plan, example_inputs) -> int | None:
     return report.after.macs
 
 
-PRUNING_SPLITS = ("magnitude", "egp")
 METHODS = {"easier": Easier, "tlc": Tlc, "lacoot": Lacoot, "random": RandomOrder, "control": Control, "egp": Egp,
            "magnitude": Magnitude, "dsd2": Dsd2}
 
 
-def make_method(name: str, selection: str = "criterion", **options) -> Method:
+def register_method(method: type[Method]) -> type[Method]:
+    """Make a Method subclass available by its `name` to `prune` and `fxcompress prune` (usable as a decorator)."""
+    if not (isinstance(method, type) and issubclass(method, Method)) or not method.name:
+        raise OptionError(f"register_method takes a named Method subclass, got {method!r}")
+    METHODS[method.name] = method
+    return method
+
+
+def make_method(name: str, selection: str = "criterion", options: dict | None = None) -> Method:
+    """The method `name` with its `options` (`Method.options`: unknown names are an OptionError)."""
     if name not in METHODS:
         raise OptionError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return METHODS[name](selection, **options)
+    method = METHODS[name]
+    valid = [option.name for option in method.options]
+    unknown = sorted(set(options or {}) - set(valid))
+    if unknown:
+        raise OptionError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(valid) or 'none'}")
+    return method(selection, **(options or {}))

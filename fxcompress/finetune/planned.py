@@ -12,6 +12,8 @@ the k-th such call in that module: `graph.annotate_names`) and edits the planned
   (what the structural removal computes; `compress` removes them);
 - remove_block: the residual add returns (a copy of) its shortcut; the body still runs, unused, so
   DistributedDataParallel needs `find_unused_parameters=True`.
+`blending(model, since)` blends the edits that `since` does not make in, from the original calls to the edited
+ones, with a weight the caller raises to 1 (gradual linearisation, as VanillaNet and DepthShrinker anneal theirs).
 `recording(model, names)` records, while it is open, (name, shortcut operand, result) of the named residual adds
 at each forward, with their gradients (LaCoOT's regulariser reads block inputs and outputs this way, for any
 architecture, without module hooks).
@@ -28,7 +30,7 @@ import copy
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import fx
@@ -74,6 +76,8 @@ class _Edits:
     shortcuts: dict[str, int] = field(default_factory=dict)  # residual add -> the index of its shortcut operand
     watched: frozenset[str] = frozenset()  # residual adds whose calls are recorded (`recording`)
     recorded: list = field(default_factory=list)  # (add, shortcut operand, result) of the watched calls
+    blended: frozenset[str] = frozenset()  # sites whose edit is blended in (`blending`), with weight `blend`
+    blend: float = 1.0
 
     def at(self, name: str) -> SiteEdit:
         return self.sites.setdefault(name, SiteEdit())
@@ -140,6 +144,8 @@ class _CallSites(TorchFunctionMode):
             return self._recorded_call(site, func, args, kwargs)
         if edit is None:
             return func(*args, **kwargs)
+        if site in self.edits.blended and self.edits.blend < 1:
+            return _blended_call(func, args, kwargs, edit, self.edits.blend)
         return _edited_call(func, args, kwargs, edit)
 
     def _recorded_call(self, site: str, func, args, kwargs):
@@ -172,6 +178,15 @@ def _edited_call(func, args, kwargs, edit: SiteEdit):
     if edit.linearize:
         return first if in_place else first.clone()
     return func(first, *rest, **kwargs)
+
+
+def _blended_call(func, args, kwargs, edit: SiteEdit, weight: float):
+    """weight * the edited call + (1 - weight) * the original call, the edited one on a copy of an in-place op's
+    input (the original writes into it)."""
+    params = _TABLE[func].params if func in _TABLE else ("input",)
+    edited_args = (args[0].clone(), *args[1:]) if _in_place(func, args, kwargs, params) else args
+    edited = _edited_call(func, edited_args, kwargs, edit)
+    return weight * edited + (1 - weight) * func(*args, **kwargs)
 
 
 def _planned_forward(base: type):
@@ -280,6 +295,28 @@ def recording(model: torch.nn.Module, names) -> Iterator[list]:
         yield edits.recorded
     finally:
         edits.watched, edits.recorded = frozenset(), []
+
+
+@contextmanager
+def blending(model: torch.nn.Module, since: torch.nn.Module) -> Iterator[Callable[[float], None]]:
+    """While open, the edits of the planned `model` that `since` (the model it was planned from) does not make are
+    blended in: each such call site returns weight * its edited result + (1 - weight) * its original one, the
+    weight set by the function this yields (0 at first: the original model). On exit every edit is whole again
+    (weight 1: exactly the plan), so annealing from 0 to 1 ends at the planned model, which merges exactly."""
+    if not is_planned(model):
+        raise PlanError("blending needs a planned model (made by apply_plan)")
+    edits = model._fxcompress_edits
+    before = since._fxcompress_edits.sites if is_planned(since) else {}
+    edits.blended = frozenset(name for name, edit in edits.sites.items() if before.get(name) != edit)
+
+    def set_weight(weight: float) -> None:
+        edits.blend = min(1.0, max(0.0, float(weight)))
+
+    set_weight(0.0)
+    try:
+        yield set_weight
+    finally:
+        edits.blended, edits.blend = frozenset(), 1.0
 
 
 class EvalMode:

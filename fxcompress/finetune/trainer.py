@@ -16,7 +16,7 @@ import itertools
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,8 @@ class Evaluation:
 
 def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, epochs: int, *, seed: int,
           device: str | torch.device = "cpu", find_unused_parameters: bool = False,
-          teacher: nn.Module | None = None, regulariser: Regulariser | None = None, objective=None) -> dict:
+          teacher: nn.Module | None = None, regulariser: Regulariser | None = None, objective=None,
+          on_batch: Callable[[float], None] | None = None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
     {"epoch_losses": mean training loss of each epoch (averaged over ranks), "batches": batches per rank}.
 
@@ -160,7 +161,9 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
         for epoch in tqdm(range(epochs), desc="epochs", disable=_quiet(config.progress)):
             if isinstance(loader.sampler, DistributedSampler):
                 loader.sampler.set_epoch(epoch)
-            losses.append(_train_epoch(runner, loader, per_epoch, step, device, config.progress))
+            done = epoch * per_epoch
+            tick = None if on_batch is None else (lambda batch: on_batch((done + batch) / total))
+            losses.append(_train_epoch(runner, loader, per_epoch, step, device, config.progress, tick))
     del runner
     distributed.broadcast_buffers(model)
     return {"epoch_losses": losses, "batches": total}
@@ -266,10 +269,12 @@ def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
 
 
 def _train_epoch(runner: nn.Module, loader: DataLoader, per_epoch: int, step: _Step, device: torch.device,
-                 progress: bool) -> float:
+                 progress: bool, on_batch: Callable[[int], None] | None = None) -> float:
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for inputs, labels in tqdm(itertools.islice(loader, per_epoch), desc="batches", total=per_epoch, leave=False,
-                               disable=_quiet(progress)):
+    for batch, (inputs, labels) in enumerate(tqdm(itertools.islice(loader, per_epoch), desc="batches",
+                                                  total=per_epoch, leave=False, disable=_quiet(progress))):
+        if on_batch is not None:
+            on_batch(batch)
         total += step(runner, inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
     return distributed.all_reduce_sum(total).item() / (per_epoch * distributed.world_size())
 

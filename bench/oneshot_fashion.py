@@ -1,0 +1,218 @@
+"""Shallower and faster at equal accuracy, by one protocol: the one-shot selection against a control trained as long.
+
+  python bench/oneshot_fashion.py run NAME      one run (RUNS) through `fxcompress prune`; resumable
+  python bench/oneshot_fashion.py latency       whole-model latency of each run's final plan, on the dense model,
+                                                ONNX Runtime batch 1 at 64 and 224 (1 and 2 threads), interleaved
+  python bench/oneshot_fashion.py report        results table (Markdown), plot (test accuracy vs latency ratio)
+  python bench/oneshot_fashion.py freeze        commit the demo's models: the one-shot run's final model, the
+                                                control, fp16 weights and plan, in DEMO_FILE
+  python bench/oneshot_fashion.py demo          the main job: the committed shallower MobileNetV2 against the
+                                                control on the 10k test images, and its latency ratio
+
+The protocol. Every run starts from the same dense MobileNetV2 (ImageNet weights fine-tuned on Fashion-MNIST at
+64x64: `DENSE_FILE`, 90.12 % on 5k test images) and trains the same total: `EPOCHS` epochs of the 55k training
+images (the 5k validation images are carved out of the 60k train split; the test set is all 10k), with the same
+recipe (SGD, lr 0.01, cosine, batch 64, distillation from the dense start with weight 0.7 at T 4). What differs
+is what is removed:
+- control: nothing (the dense model trained as long: the reference every drop is measured against);
+- oneshot-probe / oneshot-criterion / oneshot-random: the one-shot selection reaching TARGET of the dense
+  latency (ONNX Runtime, batch 1, 1 thread) with probe, criterion or random importance, then one fine-tune with
+  the selected decisions annealed in over the first ANNEAL of it;
+- iterative: EASIER with the latency-aware selection, 2 activations per step, 6 steps of half the training
+  images each (the same total), as the loop did before the one-shot selection.
+The probes' throwaway fine-tunes (16 batches per candidate) are not counted in the total; they are reported.
+Runs live in bench/runs/oneshot/ (not committed); trajectories, plans, selections and tables go to
+bench/results/oneshot/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RUNS = ROOT / "runs" / "oneshot"
+RESULTS = ROOT / "results" / "oneshot"
+DENSE_FILE = ROOT / "results" / "prune" / "mobilenet_v2_dense_start.pt"
+DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
+SIZE, VALIDATION, EPOCHS, TARGET, ANNEAL = 64, 5000, 3, 0.67, 0.3
+RECIPE = ["--lr", "0.01", "--schedule", "cosine", "--batch-size", "64", "--distill", "0.7", "--temperature", "4"]
+ONESHOT = ["--method", "oneshot", "--latency-ratio", str(TARGET), "--anneal", str(ANNEAL), "--steps", "1",
+           "--epochs-per-step", str(EPOCHS)]
+RUNS_OF = {
+    "oneshot-probe": ONESHOT + ["--importance", "probe"],
+    "control": ["--method", "control", "--steps", "1", "--epochs-per-step", str(EPOCHS)],
+    "oneshot-random": ONESHOT + ["--importance", "random"],
+    "oneshot-criterion": ONESHOT + ["--importance", "criterion"],
+    "iterative": ["--method", "easier", "--selection", "latency", "--per-step", "2", "--steps", str(2 * EPOCHS),
+                  "--epochs-per-step", "1", "--train-samples", str((60000 - VALIDATION) // 2)],
+}
+
+
+def mobilenet_v2() -> torch.nn.Module:
+    """The dense start (the CLI's MODEL: `bench.oneshot_fashion:mobilenet_v2`)."""
+    from bench.prune_fashion import base_model
+    model = base_model("mobilenet_v2")
+    model.load_state_dict({key: value.float() for key, value in torch.load(DENSE_FILE, weights_only=True).items()})
+    return model.eval()
+
+
+def run(name: str) -> None:
+    folder = RUNS / name
+    command = [sys.executable, "-m", "fxcompress.cli", "prune", "bench.oneshot_fashion:mobilenet_v2",
+               "--size", str(SIZE), "--validation-samples", str(VALIDATION), "--max-drop", "1.0", "--latency",
+               "--lowering", "onnxruntime", "--latency-threads", "1", "--out", str(folder), *RECIPE, *RUNS_OF[name]]
+    if (folder / "checkpoint.pt").is_file():
+        command.append("--resume")
+    subprocess.run(command, check=True, cwd=ROOT.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for source in ("trajectory.json", "plan.json", "selection.json", "probes.json"):
+        if (folder / source).is_file():
+            shutil.copy(folder / source, RESULTS / f"{name}_{source}")
+
+
+def trajectory(name: str) -> dict | None:
+    path = RESULTS / f"{name}_trajectory.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def final_plan(name: str):
+    from fxcompress import Plan
+    return Plan.load(RESULTS / f"{name}_plan.json")
+
+
+def latency() -> None:
+    from bench.prune_fashion import latency_ratio
+    path = RESULTS / "latency.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    model = mobilenet_v2()
+    for name in RUNS_OF:
+        if trajectory(name) is None or name in results:
+            continue
+        plan = final_plan(name)
+        entry = {}
+        for size in (SIZE, 224):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                entry[f"onnxruntime_{size}_threads{threads}"] = latency_ratio(model, plan, size, "onnxruntime")
+        results[name] = entry
+        path.write_text(json.dumps(results, indent=2))
+        print(name, entry, flush=True)
+
+
+def report() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from fxcompress.measure import speedup
+    timing = json.loads((RESULTS / "latency.json").read_text()) if (RESULTS / "latency.json").is_file() else {}
+    control = trajectory("control")
+    reference = control["steps"][-1]["test"] if control else math.nan
+    rows = ["| run | test % | vs control (pt) | vs dense start (pt) | weight layers | activations linearised | "
+            "blocks removed | MACs ratio | ORT batch 1, 64², 1 / 2 threads | ORT 224², 1 / 2 threads | "
+            "predicted (table) | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for name in RUNS_OF:
+        data = trajectory(name)
+        if data is None:
+            continue
+        first, last = data["steps"][0], data["steps"][-1]
+        ratios = timing.get(name, {})
+        selection = RESULTS / f"{name}_selection.json"
+        predicted = json.loads(selection.read_text())["selection"]["predicted_ratio"] if selection.is_file() else None
+        seconds = sum(step["seconds"] for step in data["steps"])
+
+        def pair(size):
+            values = [ratios.get(f"onnxruntime_{size}_threads{t}") for t in (1, 2)]
+            return " / ".join("—" if v is None else speedup(v) for v in values)
+
+        rows.append(f"| {name} | {100 * last['test']:.2f} | {100 * (last['test'] - reference):+.2f} | "
+                    f"{100 * (last['test'] - first['test']):+.2f} | {last['dense_weight_layers']} → "
+                    f"{last['weight_layers']} | {last['activations_linearised']} | {last['blocks_removed']} | "
+                    f"{last['macs_ratio']:.3f} | {pair(SIZE)} | {pair(224)} | "
+                    f"{'—' if predicted is None else f'{predicted:.3f}'} | {seconds:.0f} |")
+        ratio = ratios.get(f"onnxruntime_{SIZE}_threads1")
+        if ratio is not None:
+            axes.scatter([1 / ratio], [100 * last["test"]], label=name, marker="s" if name == "control" else "o")
+    axes.axhline(100 * reference - 1, color="grey", linestyle="--", label="control - 1 point")
+    axes.set(xlabel=f"speed-up, ONNX Runtime batch 1, {SIZE}², 1 thread (dense / compressed)",
+             ylabel="test accuracy, 10k images (%)", title="MobileNetV2 on Fashion-MNIST, same total training")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "oneshot.png", dpi=90)
+    (RESULTS / "summary.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+DEMO_RUN = "oneshot-probe"
+
+
+def freeze() -> None:
+    half = lambda state: {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    saved = {"run": DEMO_RUN}
+    for label, name in (("shallower", DEMO_RUN), ("control", "control")):
+        kept = torch.load(RUNS / name / "kept.pt", map_location="cpu", weights_only=False)
+        saved[label] = {"plan": kept["plan"], "state_dict": half(kept["state_dict"]), "step": kept["step"]}
+    torch.save(saved, DEMO_FILE)
+    print(f"wrote {DEMO_FILE}")
+
+
+def demo() -> None:
+    from fxcompress import Plan, compress
+    from fxcompress.data import fashion_mnist_splits
+    from fxcompress.finetune import apply_plan
+    from fxcompress.finetune.trainer import evaluate
+    from fxcompress.measure import measure, speedup
+    saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)
+    example = (torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),)
+    dense = mobilenet_v2()
+    models = {}
+    for label in ("control", "shallower"):
+        model = mobilenet_v2()
+        model.load_state_dict({key: value.float() for key, value in saved[label]["state_dict"].items()})
+        models[label] = apply_plan(model.eval(), Plan.from_dict(saved[label]["plan"]), example)
+    test = fashion_mnist_splits(SIZE, validation=VALIDATION).test
+    print(f"MobileNetV2 (ImageNet weights) on Fashion-MNIST at {SIZE}px: the one-shot selection ({saved['run']} of "
+          f"bench/oneshot_fashion.py) against the control trained as long (nothing removed); weights and plans "
+          f"committed in {DEMO_FILE.relative_to(ROOT.parent)}\n")
+    print(f"{'':10} {'activations':>11} {'weight layers':>14} {'MACs':>8} {'test accuracy (10k)':>20}")
+    compressed = {}
+    for label, model in models.items():
+        result = compress(model, example)
+        compressed[label] = result.module
+        after = result.report.after
+        print(f"{label:10} {after.activations:>11} {after.weight_layers:>14} {after.macs / 1e6:>7.1f}M "
+              f"{100 * evaluate(model, test).accuracy:>19.2f}%")
+    plan = Plan.from_dict(saved["shallower"]["plan"])
+    print(f"\nplan: {len(plan.targets('linearize'))} activations linearised, {len(plan.targets('remove_block'))} "
+          f"blocks removed, {len(plan.targets('remove_channels'))} channel groups pruned")
+    torch.set_num_threads(1)
+    timing = measure({"dense": dense, "shallower": compressed["shallower"]}, example, lowering="onnxruntime",
+                     repeats=50)
+    ratio = timing["results"]["shallower"]["ratio"]
+    print(f"batch-1 latency on ONNX Runtime at {SIZE}x{SIZE}, 1 thread (shallower / dense = {ratio:.3f}): "
+          f"{speedup(ratio)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "latency", "report", "freeze", "demo"])
+    parser.add_argument("name", nargs="?", choices=list(RUNS_OF))
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.name)
+    else:
+        torch.set_num_threads(1)
+        {"latency": latency, "report": report, "freeze": freeze, "demo": demo}[args.command]()
+
+
+if __name__ == "__main__":
+    main()
