@@ -13,7 +13,11 @@ from .config import CompressConfig
 from .cost import CostModel
 from .errors import OptionError
 from .plan import Plan
+from .progress import bar
 from .report import Skip
+
+
+PASS_LABELS = {"annotate_entropy": "activation states", "annotate_block_distance": "block distances"}
 
 
 class Calibration:
@@ -43,15 +47,12 @@ class Calibration:
                 raise OptionError(f"calibration batch {index}: input {position} has shape "
                                   f"({', '.join(map(str, value.shape))}) {_dtype(value)}; expected {expected}")
 
-    def inputs(self, count: int, description: str = "") -> Iterator[tuple]:
+    def inputs(self, count: int, description: str = "", label: str = "calibration batches") -> Iterator[tuple]:
         """Each batch as a tuple of `count` graph inputs, with a progress bar if asked for."""
         if self._used and iter(self.batches) is self.batches:
             raise OptionError("calibration data was a one-shot iterator and is used up; pass a list or DataLoader")
         self._used = True
-        batches = self.batches
-        if self.progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, desc=description, leave=False)
+        batches = bar(self.batches, label, self.progress)
         empty = True
         for index, batch in enumerate(batches):
             batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
@@ -97,7 +98,8 @@ class PassContext:
     def calibration_inputs(self, count: int):
         if self.calibration is None:
             raise OptionError(f"pass {self.pass_name!r} needs calibration data (calibration=[batch, ...])")
-        return self.calibration.inputs(count, self.pass_name)
+        label = f"calibration: {PASS_LABELS.get(self.pass_name, self.pass_name)}"
+        return self.calibration.inputs(count, self.pass_name, label)
 
     def skip(self, node: str, reason: str) -> None:
         self.skips.append(Skip(self.pass_name, node, reason))

@@ -343,3 +343,14 @@ def test_ratios_are_worded_one_way():
     assert speedup(1.0) == speedup(0.999) == "as fast (1.00×)"
     with pytest.raises(OptionError):
         speedup(0.0)
+
+
+def test_the_package_imports_without_its_optional_dependencies():
+    """The base install (torch only) imports; optional pieces are imported where they are used."""
+    import subprocess
+    import sys
+    blocked = ["tqdm", "onnx", "onnxruntime", "onnxscript", "ot", "timm", "transformers", "diffusers", "matplotlib",
+               "torchvision", "scipy"]
+    code = f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\nimport fxcompress\nprint('imported')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]

@@ -31,6 +31,7 @@ from ..errors import OptionError
 from ..measure import measure
 from ..passes import ANALYSES
 from ..plan import Plan
+from ..progress import bar
 from ..selection import SelectionResult, select
 from ..selection.candidates import KINDS
 from ..selection.importance import criterion_costs, random_costs
@@ -120,11 +121,7 @@ def probe_costs(model: torch.nn.Module, table: CandidateTable, inputs: StepInput
     scores = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     wanted = [entry.candidate for entry in table.entries if entry.usable and entry.saving_ms >= min_saving]
     seed = 0
-    todo = [None] + wanted  # None: the unchanged model, the probes' reference
-    if inputs.progress:
-        from tqdm.auto import tqdm
-        todo = tqdm(todo, desc="probes", leave=False)
-    for candidate in todo:
+    for candidate in bar([None] + wanted, "probing candidates", inputs.progress):  # None: the unchanged model
         key = "unchanged" if candidate is None else candidate.name
         if key in scores:
             continue

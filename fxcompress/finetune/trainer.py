@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
 from .. import data
+from ..progress import bar
 from ..errors import OptionError, finite_number, known_fields, valid_choice
 from . import distributed
 
@@ -158,7 +158,7 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
     with watching, torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                          device_type=device.type):
         torch.manual_seed(seed + distributed.rank())
-        for epoch in tqdm(range(epochs), desc="epochs", disable=_quiet(config.progress)):
+        for epoch in bar(range(epochs), "epochs", not _quiet(config.progress), leave=True):
             if isinstance(loader.sampler, DistributedSampler):
                 loader.sampler.set_epoch(epoch)
             done = epoch * per_epoch
@@ -188,8 +188,7 @@ def evaluate(model: nn.Module, dataset: Dataset | DataLoader, *, batch_size: int
     model.to(device).eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for inputs, labels in tqdm(itertools.islice(loader, max_batches), desc="evaluate", leave=False,
-                                   disable=_quiet(progress)):
+        for inputs, labels in bar(itertools.islice(loader, max_batches), "evaluating", not _quiet(progress)):
             inputs, labels = inputs.to(device), labels.to(device)
             logits = model(inputs).float()
             totals += torch.stack([(logits.argmax(1) == labels).sum().double(),
@@ -271,8 +270,8 @@ def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
 def _train_epoch(runner: nn.Module, loader: DataLoader, per_epoch: int, step: _Step, device: torch.device,
                  progress: bool, on_batch: Callable[[int], None] | None = None) -> float:
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, (inputs, labels) in enumerate(tqdm(itertools.islice(loader, per_epoch), desc="batches",
-                                                  total=per_epoch, leave=False, disable=_quiet(progress))):
+    for batch, (inputs, labels) in enumerate(bar(itertools.islice(loader, per_epoch), "training batches",
+                                                 not _quiet(progress), total=per_epoch)):
         if on_batch is not None:
             on_batch(batch)
         total += step(runner, inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))

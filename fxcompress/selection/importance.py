@@ -64,7 +64,7 @@ def criterion_costs(gm: fx.GraphModule, table: CandidateTable, calibration: list
     recorder = _BlockRecorder(gm, adds)
     if adds:
         with torch.no_grad():
-            for batch in calibration.inputs(len(graph_inputs(gm)), "block distances"):
+            for batch in calibration.inputs(len(graph_inputs(gm)), "block distances", "calibration: block distances"):
                 recorder.run(*batch)
     costs = {}
     for entry in entries:

@@ -17,6 +17,7 @@ from ..config import CompressConfig
 from ..errors import PassError, PlanError
 from ..pipeline import compress_graph
 from ..plan import Plan
+from ..progress import bar
 from .candidates import KINDS, MAX_RUN, Candidate, conflicts, find_candidates, neighbours
 from .latency import LatencyTable
 
@@ -70,11 +71,7 @@ def candidate_table(gm: fx.GraphModule, example_inputs, latency: LatencyTable, *
     exact, exact_report = _compressed(gm, example_inputs, config, Plan())
     candidates = find_candidates(gm, kinds, max_run)
     entries = []
-    iterator = candidates
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(candidates, desc="candidate table", leave=False)
-    for candidate in iterator:
+    for candidate in bar(candidates, "timing candidates", progress):
         try:
             compressed, report = _compressed(gm, example_inputs, config, Plan(candidate.decisions))
         except (PlanError, PassError) as error:
