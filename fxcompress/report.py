@@ -18,13 +18,15 @@ class Metrics:
     activations: int  # activation ops (ReLU, GELU, ...) in the graph
     weight_layers: int  # conv and linear ops
     depth: int  # weight layers on the longest input-to-output path
-    params: int
+    params: int  # elements of the learned tensors: weights and biases (BatchNorm's included)
     macs: int  # multiply-accumulates on the example inputs
+    buffers: int = 0  # elements of the other constants: BatchNorm running statistics, bias maps, counters
 
     @classmethod
     def of(cls, gm: fx.GraphModule) -> "Metrics":
         activations = weight_layers = macs = 0
         depth: dict[fx.Node, int] = {}
+        not_learned: set[fx.Node] = set()
         for node in gm.graph.nodes:
             call = bind(node)
             is_weight_layer = call is not None and call.kind in ("conv", "linear")
@@ -32,13 +34,22 @@ class Metrics:
             depth[node] = before + is_weight_layer
             if call is None:
                 continue
+            not_learned.update(arg for name in _NOT_LEARNED.get(call.kind, ()) if isinstance(arg := call.args.get(name),
+                                                                                                 fx.Node))
             activations += call.kind == "activation"
             weight_layers += is_weight_layer
             if is_weight_layer:
                 macs += _macs(call)
-        tensors = {id(t): t for n in gm.graph.nodes if (t := constant(gm, n)) is not None}
-        return cls(activations, weight_layers, max(depth.values(), default=0),
-                   sum(t.numel() for t in tensors.values()), macs)
+        learned, other = {}, {}
+        for node in gm.graph.nodes:
+            if (tensor := constant(gm, node)) is not None:
+                is_learned = node not in not_learned and tensor.is_floating_point()
+                (learned if is_learned else other)[id(tensor)] = tensor.numel()
+        return cls(activations, weight_layers, max(depth.values(), default=0), sum(learned.values()), macs,
+                   sum(size for key, size in other.items() if key not in learned))
+
+
+_NOT_LEARNED = {"batch_norm": ("running_mean", "running_var"), "conv": ("bias_map",)}
 
 
 def _macs(call) -> int:
@@ -103,7 +114,7 @@ class Report:
         lines = ["fxcompress report", ""]
         if self.before and self.after:
             lines.append(f"{'':16}{'before':>14}{'after':>14}{'ratio':>8}")
-            for name in ("activations", "weight_layers", "depth", "params", "macs"):
+            for name in ("activations", "weight_layers", "depth", "params", "buffers", "macs"):
                 old, new = getattr(self.before, name), getattr(self.after, name)
                 ratio = f"{new / old:.3f}" if old else "-"
                 lines.append(f"{name:16}{old:>14,}{new:>14,}{ratio:>8}")

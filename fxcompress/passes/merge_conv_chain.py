@@ -49,7 +49,9 @@ def merge_conv_chain(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
             return ctx.cost.conv(spec, in_shapes[start], sizes[end])
 
         specs = [spec for _, spec in chain]
-        for segment in segment_chain(specs, compose, cost, config.force):
+        segments = segment_chain(specs, compose, cost, config.force, costlier := {})
+        refusals.update({j: reason for j, reason in costlier.items() if any(seg.start == j for seg in segments)})
+        for segment in segments:
             members = nodes[segment.start:segment.stop]
             if len(members) < 2:
                 continue

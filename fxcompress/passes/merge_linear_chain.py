@@ -30,7 +30,11 @@ def merge_linear_chain(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:
             return ctx.cost.linear(spec, in_shapes[start])
 
         specs = [spec for _, spec in chain]
-        for segment in segment_chain(specs, compose, cost, ctx.config.force):
+        segments = segment_chain(specs, compose, cost, ctx.config.force, costlier := {})
+        for j, reason in costlier.items():
+            if any(segment.start == j for segment in segments):
+                ctx.skip(stable_name(nodes[j]), f"not merged with its producer: {reason}")
+        for segment in segments:
             members = nodes[segment.start:segment.stop]
             if len(members) < 2:
                 continue
