@@ -11,11 +11,11 @@ from .compiler import compress_captured
 from .config import CompressConfig
 from .errors import CaptureError, OptionError
 from .finetune.planned import split_plan
-from .graph import annotate_names
+from .graph import annotate_names, annotate_shapes
 from .pipeline import activation_names as graph_activation_names
 from .plan import Plan
 from .planner import PLANNER_OPTIONS, check_max_error
-from .report import Report
+from .report import Metrics, Report
 from .tokens import TokenConfig, reduce_tokens
 
 
@@ -67,13 +67,23 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
         if unknown:
             raise OptionError(f"unknown planner option(s) {', '.join(unknown)}; valid: {', '.join(PLANNER_OPTIONS)}")
         planner_options = {"calibration": calibration, "max_error": max_error, **(planner or {})}
+    before = None
     if tokens is not None:
+        before = _metrics(model, example_inputs)  # of the model as given: its tokens are reduced before capture
         model = reduce_tokens(model, tokens)
     with torch.no_grad():
         gm, dynamic_batch = _capture(model, example_inputs, dynamic_batch)
     gm, report, plan = compress_captured(gm, example_inputs, config, plan, criterion=criterion,
                                          planner=planner_options, model=type(model).__name__)
+    report.before = before or report.before
     return CompressResult(gm, plan, report, dynamic_batch)
+
+
+def _metrics(model: torch.nn.Module, example_inputs) -> Metrics:
+    with torch.no_grad():
+        gm = capture(model, example_inputs)
+        annotate_shapes(gm, example_inputs)
+    return Metrics.of(gm)
 
 
 def _capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool | None) -> tuple[fx.GraphModule, bool]:

@@ -306,3 +306,11 @@ def test_backend_merges_after_the_last_layer_of_a_transformers_tower():
                              options={"tokens": {"layers": [-1], "tokens": 17}, "lowering": "eager"})
     with torch.no_grad():
         assert compiled(pixel_values=IMAGES).last_hidden_state.shape == (2, 17, 32)
+
+
+def test_the_report_counts_the_macs_tokens_save():
+    model = torchvision_vit()
+    report = fxcompress.compress(model, (IMAGES,), tokens={"layers": [0], "ratio": 0.5}).report
+    plain = fxcompress.compress(model, (IMAGES,)).report
+    assert report.before.macs == plain.before.macs  # the model as given, before its tokens are reduced
+    assert report.after.macs < 0.8 * plain.after.macs
