@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trajectories import latency_ratio, read_trajectory  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "oneshot"
 RESULTS = ROOT / "results" / "oneshot"
@@ -58,7 +61,7 @@ RUNS_OF = {
 
 def mobilenet_v2() -> torch.nn.Module:
     """The dense start (the CLI's MODEL: `bench.oneshot_fashion:mobilenet_v2`)."""
-    from bench.prune_fashion import base_model
+    from prune_fashion import base_model
     model = base_model("mobilenet_v2")
     model.load_state_dict({key: value.float() for key, value in torch.load(DENSE_FILE, weights_only=True).items()})
     return model.eval()
@@ -79,8 +82,7 @@ def run(name: str) -> None:
 
 
 def trajectory(name: str) -> dict | None:
-    path = RESULTS / f"{name}_trajectory.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_trajectory(RESULTS / f"{name}_trajectory.json")
 
 
 def final_plan(name: str):
@@ -89,7 +91,6 @@ def final_plan(name: str):
 
 
 def latency() -> None:
-    from bench.prune_fashion import latency_ratio
     path = RESULTS / "latency.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     model = mobilenet_v2()
@@ -101,7 +102,9 @@ def latency() -> None:
         for size in (SIZE, 224):
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                entry[f"onnxruntime_{size}_threads{threads}"] = latency_ratio(model, plan, size, "onnxruntime")
+                example = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+                entry[f"onnxruntime_{size}_threads{threads}"] = latency_ratio(model, plan, example, "onnxruntime",
+                                                                              repeats=50)
         results[name] = entry
         path.write_text(json.dumps(results, indent=2))
         print(name, entry, flush=True)

@@ -33,6 +33,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diffusion_quality  # noqa: E402
 import fashion_diffusion  # noqa: E402
+from trajectories import lacoot_weight, read_trajectory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "diffusion"
@@ -92,8 +93,9 @@ def run(kind: str, method: str) -> None:
     settings = {key: value for key, value in RUNS_OF[method].items() if key != "kinds"}
     if kind not in RUNS_OF[method].get("kinds", KINDS):
         raise SystemExit(f"{method} is run on {', '.join(RUNS_OF[method]['kinds'])} only")
-    options = {"dense_epochs": DENSE_EPOCHS, "per_step": 1, "lacoot_weight": LACOOT_WEIGHT, "save_steps": True,
-               **settings}
+    options = {"dense_epochs": DENSE_EPOCHS, "per_step": 1, "save_steps": True, **settings}
+    if options["method"] == "lacoot":
+        options["method_options"] = {"weight": options.pop("lacoot_weight", LACOOT_WEIGHT)}
     folder = RUNS / kind / method
     data = task()
     prune(fashion_diffusion.load(kind), data.example, data=data, objective=data.objective, out=folder,
@@ -104,8 +106,7 @@ def run(kind: str, method: str) -> None:
 
 
 def trajectory(kind: str, method: str) -> dict | None:
-    path = RESULTS / f"{kind}_{method}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_trajectory(RESULTS / f"{kind}_{method}.json")
 
 
 SAMPLE_BATCH, TIME_BATCH = 250, 10  # sampling for the quality scores; timing and grids
@@ -176,7 +177,7 @@ def report() -> None:
             if data is None:
                 continue
             key = "blocks_removed" if RUNS_OF[method]["method"] == "lacoot" else "activations_linearised"
-            label = f"{method} (lambda {data['settings']['lacoot_weight']:g})" if key == "blocks_removed" else method
+            label = f"{method} (lambda {lacoot_weight(data['settings']):g})" if key == "blocks_removed" else method
             points = [(step, measured.get(method, {}).get(str(step["step"]))) for step in data["steps"]]
             points = [(step, values) for step, values in points if values]
             if not points:

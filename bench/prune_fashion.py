@@ -31,6 +31,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trajectories  # noqa: E402
+from trajectories import lacoot_weight, plan_until, read_trajectory, within_one_point  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs"
 RESULTS = ROOT / "results" / "prune"
@@ -137,11 +141,12 @@ def run(name: str, method: str) -> None:
                "--max-drop", str(settings.get("max_drop", MAX_DROP_CURVE)), "--steps", str(steps),
                "--per-step", str(settings.get("per_step", loop["per_step"])),
                "--dense-epochs", str(settings.get("dense_epochs", 0)),
-               "--lacoot-weight", str(settings.get("lacoot_weight", LACOOT_WEIGHT[name])),
                "--size", str(SIZE), "--out", str(folder), "--train-samples", str(DATA["train_samples"]),
                "--validation-samples", str(settings.get("validation", DATA["validation"])),
                "--test-samples", str(DATA["test_samples"]), "--batch-size", str(DATA["batch_size"]),
                "--lowering", "onnxruntime"]
+    if settings["method"] == "lacoot":
+        command += ["--lacoot-weight", str(settings.get("lacoot_weight", LACOOT_WEIGHT[name]))]
     if (folder / "checkpoint.pt").is_file():
         command.append("--resume")
     subprocess.run(command, check=True, cwd=ROOT.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -150,12 +155,8 @@ def run(name: str, method: str) -> None:
         shutil.copy(folder / source, RESULTS / target)
 
 
-WITHIN = 0.01  # the goal: at most 1 point below the dense model
-
-
 def trajectory(name: str, method: str) -> dict | None:
-    path = RESULTS / f"{name}_{method}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_trajectory(RESULTS / f"{name}_{method}.json")
 
 
 PROGRESS = {**{run: "blocks_removed" for run, settings in RUNS_OF.items() if settings["method"] == "lacoot"},
@@ -167,25 +168,9 @@ def progress_key(method: str) -> str:
     return PROGRESS.get(method, "activations_linearised")
 
 
-def within_one_point(steps: list[dict], key: str = "activations_linearised") -> dict:
-    """The step furthest along `key` (the latest of equals) whose validation accuracy is at most 1 point below
-    step 0's: chosen on validation, reported on test."""
-    within = [step for step in steps if round(step["drop"], 12) <= WITHIN]
-    return max(within, key=lambda step: (step.get(key, 0), step["step"]))
-
-
-def plan_until(steps: list[dict], step: int):
-    from fxcompress import Plan
-    from fxcompress.plan import Decision
-    return Plan(tuple(Decision(**d) for entry in steps[1:step + 1] for d in entry["decisions"]))
-
-
 def latency_ratio(model, plan, size: int, lowering: str) -> float:
-    from fxcompress import compress, measure
     example = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
-    compressed = compress(model, example, plan=plan).module
-    timing = measure({"dense": model, "compressed": compressed}, example, lowering=lowering, repeats=30)
-    return round(timing["results"]["compressed"]["ratio"], 4)
+    return trajectories.latency_ratio(model, plan, example, lowering)
 
 
 INDUCTOR_MODELS = ("mobilenet_v2",)  # ResNet-18 merges nothing (3x3 after 3x3 would cost more): ORT only
@@ -245,7 +230,7 @@ def report() -> None:
             accuracy = [100 * step["test"] for step in steps]
             control = method == "control"
             key = progress_key(method)
-            label = f"{method} (lambda {data['settings']['lacoot_weight']:g})" if key == "blocks_removed" else method
+            label = f"{method} (lambda {lacoot_weight(data['settings']):g})" if key == "blocks_removed" else method
             if key == "blocks_removed":
                 by_blocks.plot([step[key] for step in steps], accuracy, marker="o", label=label)
             elif key == "activations_linearised":

@@ -31,6 +31,8 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_vit  # noqa: E402
+import trajectories  # noqa: E402
+from trajectories import lacoot_weight, plan_until, read_trajectory, within_one_point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "vit"
@@ -51,7 +53,6 @@ RUNS_OF = {
 }
 EVERY_STEP = ("easier", "lacoot")  # runs whose every step is timed (batch 1, ONNX Runtime): the plots
 TOKENS = {"method": "folder", "layers": [1], "ratio": 0.66, "proportional_attention": True}  # tokens.md's folder@1
-WITHIN = 0.01
 
 
 def splits() -> SimpleNamespace:
@@ -88,8 +89,9 @@ def run(arch: str, method: str) -> None:
     from fxcompress import prune
     from fxcompress.finetune.trainer import TrainConfig
     settings = dict(RUNS_OF[method])
-    options = {"max_drop": MAX_DROP_CURVE, "dense_epochs": DENSE_EPOCHS, "per_step": 1,
-               "lacoot_weight": LACOOT_WEIGHT, **settings}
+    options = {"max_drop": MAX_DROP_CURVE, "dense_epochs": DENSE_EPOCHS, "per_step": 1, **settings}
+    if options["method"] == "lacoot":
+        options["method_options"] = {"weight": options.pop("lacoot_weight", LACOOT_WEIGHT)}
     folder = RUNS / arch / method
     result = prune(fashion_vit.load(arch), example(), data=splits(), out=folder,
                    resume=(folder / "checkpoint.pt").is_file(),
@@ -100,32 +102,15 @@ def run(arch: str, method: str) -> None:
 
 
 def trajectory(arch: str, method: str) -> dict | None:
-    path = RESULTS / f"{arch}_{method}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_trajectory(RESULTS / f"{arch}_{method}.json")
 
 
 def progress_key(method: str) -> str:
     return "blocks_removed" if RUNS_OF[method]["method"] == "lacoot" else "activations_linearised"
 
 
-def within_one_point(steps: list[dict], key: str) -> dict:
-    """The step furthest along `key` whose validation accuracy is at most 1 point below step 0's."""
-    within = [step for step in steps if round(step["drop"], 12) <= WITHIN]
-    return max(within, key=lambda step: (step.get(key, 0), step["step"]))
-
-
-def plan_until(steps: list[dict], step: int):
-    from fxcompress import Plan
-    from fxcompress.plan import Decision
-    return Plan(tuple(Decision(**d) for entry in steps[1:step + 1] for d in entry["decisions"]))
-
-
 def latency_ratio(model, plan, batch: int, lowering: str, tokens: dict | None = None) -> float:
-    from fxcompress import compress, measure
-    inputs = example(batch)
-    compressed = compress(model, inputs, plan=plan, tokens=tokens, dynamic_batch=False).module
-    timing = measure({"dense": model, "compressed": compressed}, inputs, lowering=lowering, repeats=30)
-    return round(timing["results"]["compressed"]["ratio"], 4)
+    return trajectories.latency_ratio(model, plan, example(batch), lowering, tokens)
 
 
 def measured_step(method: str, steps: list[dict]) -> int:
@@ -216,7 +201,7 @@ def report() -> None:
                 continue
             steps, key = data["steps"], progress_key(method)
             accuracy = [100 * step["test"] for step in steps]
-            label = f"{method} (lambda {data['settings']['lacoot_weight']:g})" if key == "blocks_removed" else method
+            label = f"{method} (lambda {lacoot_weight(data['settings']):g})" if key == "blocks_removed" else method
             if method == "control":
                 by_gelus.plot([s["step"] for s in steps], accuracy, linestyle="--", marker="o",
                               label="control (x: steps of fine-tuning)")
