@@ -69,11 +69,17 @@ def mobilenet_v2() -> torch.nn.Module:
 
 def run(name: str) -> None:
     folder = RUNS / name
+    probes = RESULTS / f"{name}_probes.json"
+    if probes.is_file() and not (folder / "probes.json").is_file():  # committed probes: not probed again
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(probes, folder / "probes.json")
     command = [sys.executable, "-m", "fxcompress.cli", "prune", "bench.oneshot_fashion:mobilenet_v2",
                "--size", str(SIZE), "--validation-samples", str(VALIDATION), "--max-drop", "1.0", "--latency",
                "--lowering", "onnxruntime", "--latency-threads", "1", "--out", str(folder), *RECIPE, *RUNS_OF[name]]
     if (folder / "checkpoint.pt").is_file():
         command.append("--resume")
+    elif folder.is_dir() and any(folder.iterdir()):
+        command.append("--force")  # the probes alone: --force keeps them (it deletes a run's own files)
     subprocess.run(command, check=True, cwd=ROOT.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source in ("trajectory.json", "plan.json", "selection.json", "probes.json"):
