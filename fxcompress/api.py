@@ -8,6 +8,7 @@ from torch import fx
 
 from .capture import capture, check_inputs, is_planned
 from .compiler import compress_captured
+from .compressed import CompressedModule, compressed_module
 from .config import CompressConfig
 from .errors import CaptureError, OptionError
 from .finetune.planned import split_plan
@@ -21,7 +22,7 @@ from .tokens import TokenConfig, reduce_tokens
 
 @dataclass
 class CompressResult:
-    module: fx.GraphModule  # the compressed model; call it like the original
+    module: CompressedModule  # the compressed model (an inference graph); call it like the original
     plan: Plan  # what was applied, reusable by the backend and the build step
     report: Report
     dynamic_batch: bool = False  # whether `module` takes any batch size (else only the example's)
@@ -76,7 +77,7 @@ def compress(model: torch.nn.Module, example_inputs, *, plan: Plan | str | dict 
     gm, report, plan = compress_captured(gm, example_inputs, config, plan, criterion=criterion,
                                          planner=planner_options, model=type(model).__name__)
     report.before = before or report.before
-    return CompressResult(gm, plan, report, dynamic_batch)
+    return CompressResult(compressed_module(gm), plan, report, dynamic_batch)
 
 
 def _metrics(model: torch.nn.Module, example_inputs) -> Metrics:

@@ -21,6 +21,7 @@ into constants of a copy of the graph. The backend checks at each call that the 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import torch
@@ -51,12 +52,24 @@ def check_inputs(model, example_inputs) -> tuple:
         raise CaptureError(f"{type(model).__name__} was made by apply_plan and edits its calls at run time, which "
                            "export would trace wrongly: compress it with fxcompress.compress, which captures its "
                            "original class and applies its plan")
+    if isinstance(model, torch.nn.Module):
+        check_devices(model, example_inputs)
     if isinstance(model, torch.nn.Module) and model.training:
         raise CaptureError(f"{type(model).__name__} is in training mode (BatchNorm statistics and dropout are "
                            "live); call model.eval() before compressing it")
     if isinstance(model, torch.export.ExportedProgram):
         check_program_inputs(model, example_inputs)
     return tuple(example_inputs)
+
+
+def check_devices(model: torch.nn.Module, example_inputs) -> None:
+    """Refuse example inputs on another device than the model's weights (0-d tensors aside: torch mixes them)."""
+    weights = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    inputs = {t.device for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor) and t.dim()}
+    if len(weights) == 1 and inputs and inputs != weights:
+        (device,) = weights
+        raise CaptureError(f"{type(model).__name__} is on {device} but its example inputs are on "
+                           f"{', '.join(sorted(map(str, inputs)))}: move them to {device} (or the model to theirs)")
 
 
 def _describe(value) -> str:

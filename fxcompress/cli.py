@@ -22,7 +22,7 @@ from .backends.precision import PRECISIONS, cast
 from .backends.tensorrt import save_engine
 from .capture import export_program, private_copy
 from .errors import FxCompressError, OptionError
-from .measure import measure
+from .measure import measure, speedup
 from .models import call_reference, load_model
 from .plan import Plan
 
@@ -49,10 +49,26 @@ def _compress(args, model, example):
 
 
 def _latency_summary(timing: dict) -> dict:
-    original, compressed = (timing["results"][k]["median_ms"] for k in ("original", "compressed"))
-    return {"lowering": timing["lowering"], "batch": timing["batch"], "original_ms": round(original, 3),
-            "compressed_ms": round(compressed, 3), "ratio": round(compressed / original, 3),
-            "threads": timing["machine"]["threads"]}
+    """A measurement in one row: medians and quartiles (ms) of each model, compressed / original and, where the
+    exact model was timed too, compressed / exact."""
+    results = timing["results"]
+    row = {"lowering": timing["lowering"], "batch": timing["batch"], "device": timing["device"],
+           "precision": timing["precision"], "threads": timing["machine"]["threads"]}
+    for name, result in results.items():
+        row.update({f"{name}_ms": round(result["median_ms"], 4),
+                    f"{name}_quartiles_ms": [round(result["q1_ms"], 4), round(result["q3_ms"], 4)]})
+    compressed = results["compressed"]["median_ms"]
+    row["ratio"] = round(compressed / results["original"]["median_ms"], 4)
+    if "exact" in results:
+        row["ratio_to_exact"] = round(compressed / results["exact"]["median_ms"], 4)
+    return row
+
+
+def _speedups(row: dict) -> str:
+    words = f"compressed / original {row['ratio']:.3f} ({speedup(row['ratio'])})"
+    if "ratio_to_exact" in row:
+        words += f", / exact {row['ratio_to_exact']:.3f} ({speedup(row['ratio_to_exact'])})"
+    return words
 
 
 def _check_output_folder(option: str, folder: Path) -> None:
@@ -87,6 +103,7 @@ def demo(args) -> int:
     result.report.latency = _latency_summary(timing)
     print(f"model: {args.model}, input {tuple(example[0].shape)}")
     print(result.report)
+    print(f"{args.lowering}, batch {args.batch}: {_speedups(result.report.latency)}")
     if args.report:
         result.report.save(args.report)
         print(f"report written to {args.report}")
@@ -144,6 +161,8 @@ def compress_command(args) -> int:
 
 
 def bench_command(args) -> int:
+    """Time the original and the compressed model (and, with a plan, the exact model: the original with the exact
+    passes only, the fair baseline) on each lowering, batch size and precision, interleaved."""
     _check_output_file("--json", args.json)
     model = load_model(args.model)
     rows = []
@@ -151,13 +170,20 @@ def bench_command(args) -> int:
         args.batch = batch
         example = _example(args)
         result = _compress(args, model, example)
-        for lowering in args.backends:
-            timing = measure({"original": model, "compressed": result.module}, example, lowering=lowering,
-                             repeats=args.repeats)
-            rows.append({"model": args.model, **_latency_summary(timing),
-                         "macs_ratio": round(result.report.after.macs / result.report.before.macs, 3)})
-            print(f"{args.model:20} {lowering:12} batch {batch:3}  original {rows[-1]['original_ms']:9.2f} ms  "
-                  f"compressed {rows[-1]['compressed_ms']:9.2f} ms  ratio {rows[-1]['ratio']:.3f}", flush=True)
+        models = {"original": model, "compressed": result.module}
+        if result.plan.decisions:
+            models["exact"] = compress(model, example, force=args.force, allow_approximate=args.allow_approximate,
+                                       dynamic_batch=result.dynamic_batch).module
+        for precision in args.precisions:
+            for lowering in args.backends:
+                timing = measure(models, example, lowering=lowering, repeats=args.repeats, device=args.device,
+                                 precision=precision)
+                rows.append({"model": args.model, **_latency_summary(timing),
+                             "macs_ratio": round(result.report.after.macs / result.report.before.macs, 3),
+                             "machine": timing["machine"]})
+                print(f"{args.model:20} {lowering:12} {precision} batch {batch:3}  original "
+                      f"{rows[-1]['original_ms']:9.3f} ms  compressed {rows[-1]['compressed_ms']:9.3f} ms  "
+                      f"{_speedups(rows[-1])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
@@ -313,6 +339,26 @@ def _batch_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
 
 
+def _device(text: str) -> str:
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here (no CUDA); use cpu")
+    return text
+
+
+def _precisions(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown precision {unknown[0]!r}; valid: {', '.join(PRECISIONS)}")
+    return names
+
+
 def _fraction(text: str) -> float:
     return _checked(text, float, lambda value: 0 <= value <= 1, "a number in [0, 1]")
 
@@ -381,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--backends", type=_lowerings, default=["eager"], help="comma-separated lowerings")
     bench_parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated")
     bench_parser.add_argument("--repeats", type=_positive_int, default=20)
+    bench_parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    bench_parser.add_argument("--precisions", type=_precisions, default=["fp32"],
+                              help="comma-separated: fp32, fp16, bf16 (weights and inputs cast)")
     bench_parser.add_argument("--json", help="write the rows as JSON to this path")
     _prune_parser(commands)
     return parser

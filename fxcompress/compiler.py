@@ -19,15 +19,17 @@ from .planner import plan_graph
 from .report import Report
 from .tokens.config import TokenConfig
 from .tokens.graph import token_plan
-from .verify import output_tensors
+from .verify import full_precision, output_tensors
 
 
+@full_precision()
 def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan, *,
                       tokens: TokenConfig | None = None, criterion: str | None = None, planner: dict | None = None,
                       model: str = "") -> tuple[fx.GraphModule, Report, Plan]:
     """Compress `gm` in place (callers pass a copy) with `plan` plus the decisions found on it: token
     reductions for `tokens`, and the plan of `criterion` with the `planner.plan_graph` keywords in `planner`
-    (calibration, max_error, budgets). Returns the graph, its report and the plan applied."""
+    (calibration, max_error, budgets), in full float32 precision. Returns the graph, its report and the plan
+    applied."""
     decisions, first_outputs = list(plan.decisions), None
     tokens = None if tokens is None or tokens.is_identity else tokens
     finds = tokens is not None or criterion is not None

@@ -62,7 +62,7 @@ class LatencyTable:
     def _measure(self, spec, in_shape) -> float:
         from .measure import measure
 
-        x = torch.randn(*in_shape, dtype=spec.weight.dtype)
+        x = torch.randn(*in_shape, dtype=spec.weight.dtype, device=self.device)
         timing = measure({"op": _SpecModule(spec).eval()}, (x,), lowering=self.lowering, device=self.device,
                          warmup=3, repeats=self.repeats)
         return timing["results"]["op"]["median_ms"]

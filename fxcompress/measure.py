@@ -3,6 +3,8 @@ run in turn within every repetition, so machine noise hits all of them alike; ra
 first candidate. CUDA events time GPU work."""
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
 import os
 import platform
 import statistics
@@ -14,7 +16,8 @@ import torch
 from torch import fx
 from torch.nn.modules.batchnorm import _NormBase
 
-from .backends import LOWERINGS, lower_module
+from .backends import GPU_LOWERINGS, LOWERINGS, lower_module
+from .backends.precision import PRECISIONS
 from .capture import private_copy
 from .errors import OptionError, valid_choice
 
@@ -63,11 +66,26 @@ def speedup(ratio: float) -> str:
     return f"{1 / ratio:.2f}× faster" if ratio < 1 else f"{ratio:.2f}× slower"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    info = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    """Where a measurement ran: CPU model and count, torch threads, versions, the GPU if any."""
+    info = {"processor": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    for package in ("torchvision", "onnxruntime"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -137,24 +155,44 @@ def _check_counts(warmup: int, repeats: int) -> None:
             raise OptionError(f"option {option!r} must be an int >= {least}, got {value!r}")
 
 
+def _placed(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` itself where its floating-point tensors already have `device` and `dtype`, else a copy moved and
+    cast (the caller's model is never moved)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        return model
+    return private_copy(model).to(device=device, dtype=dtype)
+
+
 def measure(models: dict[str, torch.nn.Module], example_inputs, *, lowering: str = "eager",
-            warmup: int = 3, repeats: int = 20, device: str = "cpu", threads: int | None = None) -> dict:
+            warmup: int = 3, repeats: int = 20, device: str = "cpu", threads: int | None = None,
+            precision: str = "fp32") -> dict:
     """Lower every model with `lowering` and time them interleaved; the first is the baseline.
 
     `example_inputs` is a tensor or a tuple of tensors, as for `compress`. Models are nn.Modules in eval mode
-    (a BatchNorm in training mode is refused: measuring never writes to a model) or ExportedPrograms.
-    `threads` runs the lowering and the timing on that many CPU threads (default: torch's current number).
-    Returns {"results": {name: {median_ms, q1_ms, q3_ms, ratio}}, "lowering", "batch", "device", "machine"}.
+    (a BatchNorm in training mode is refused: measuring never writes to a model) or ExportedPrograms. Every model
+    and the inputs run on `device` ("cpu", "cuda", "cuda:N") in `precision` ("fp32", "fp16", "bf16": floating-point
+    weights and inputs cast); models elsewhere or in another precision are measured as copies. `threads` runs the
+    lowering and the timing on that many CPU threads (default: torch's current number). GPU work is timed with
+    CUDA events. Returns {"results": {name: {median_ms, q1_ms, q3_ms, ratio}}, "lowering", "batch", "device",
+    "precision", "machine"}.
     """
     if not isinstance(models, dict) or not models:
         raise OptionError("models must be a non-empty dict of name -> torch.nn.Module")
     valid_choice("lowering", lowering, LOWERINGS)
+    valid_choice("precision", precision, PRECISIONS)
     _check_counts(warmup, repeats)
     kind = _check_device(device)
+    if kind == "cpu" and lowering in GPU_LOWERINGS:
+        raise OptionError(f"lowering {lowering!r} runs on a GPU; measure it with device='cuda'")
     modules = {name: _check_model(name, model) for name, model in models.items()}
-    inputs = tuple(t.to(device) for t in _check_inputs(example_inputs))
+    dtype = PRECISIONS[precision]
+    inputs = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                   for t in _check_inputs(example_inputs))
+    target = inputs[0].device
     with torch_threads(threads):
-        runners = {name: lower_module(model if kind == "cpu" else private_copy(model).to(device), inputs, lowering)
+        runners = {name: lower_module(_placed(model, target, dtype), inputs, lowering)
                    for name, model in modules.items()}
         return {"results": measure_latency(runners, inputs, warmup=warmup, repeats=repeats, device=kind),
-                "lowering": lowering, "batch": int(inputs[0].shape[0]), "device": device, "machine": machine()}
+                "lowering": lowering, "batch": int(inputs[0].shape[0]), "device": device, "precision": precision,
+                "machine": machine()}

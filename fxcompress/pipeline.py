@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Container
 
+import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
@@ -25,7 +26,7 @@ from .graph import Snapshot, annotate_names, annotate_shapes, names_of_kind, rem
 from .passes import EXACT_PASSES, PLAN_ACTIONS, fold_constants
 from .plan import Plan
 from .report import Check, Metrics, Report, Rewrite
-from .verify import output_tensors, outputs, relative_error, sample_inputs, tolerance_for
+from .verify import full_precision, output_tensors, outputs, relative_error, sample_inputs, tolerance_for
 
 MAX_ROUNDS = 8
 
@@ -101,10 +102,11 @@ class Pipeline:
         """`first_outputs`: the outputs of `gm` on the example inputs where the caller has already annotated its
         names and shapes (`compiler.compress_captured`), so that the graph is not replayed for them again."""
         self.config, self.plan, self.exact_passes = config, plan, exact_passes
-        self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering)
-                              if config.cost_model == "latency" else None)
         example_inputs = tuple(example_inputs)  # every replay runs on fresh copies (`verify.fresh`)
         self.flat_inputs = pytree.tree_leaves(example_inputs)
+        device = next((str(t.device) for t in self.flat_inputs if isinstance(t, torch.Tensor)), "cpu")
+        self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering, device)
+                              if config.cost_model == "latency" else None)
         self.samples = sample_inputs(example_inputs)
         self.report = Report()
         self.excluded: dict[str, set[str]] = {}
@@ -186,6 +188,7 @@ class Pipeline:
         return self.state.gm, self.report
 
 
+@full_precision()
 def compress_graph(gm: fx.GraphModule, example_inputs, config: CompressConfig | None = None,
                    plan: Plan | None = None, exact_passes: tuple[Callable, ...] = EXACT_PASSES
                    ) -> tuple[fx.GraphModule, Report]:

@@ -157,7 +157,7 @@ def approximation_error(node: fx.Node, mean: torch.Tensor, std: torch.Tensor, po
     sqrt(sum_c E(f(z_c) - exact(z_c))^2 / sum_c E f(z_c)^2), for channels z_c ~ N(mean_c, std_c^2) (the measured
     statistics), integrated on a grid of `points` within 8 std. 0 for ReLU; inf where f is 0 throughout."""
     regions = activation_regions(bind(node))
-    grid = torch.linspace(-8.0, 8.0, points, dtype=torch.float64)
+    grid = torch.linspace(-8.0, 8.0, points, dtype=torch.float64, device=mean.device)
     weights = torch.exp(-grid * grid / 2)
     weights = weights / weights.sum()
     z = mean.double()[:, None] + std.double().abs()[:, None] * grid

@@ -1,8 +1,12 @@
-"""Numerical verification: run a graph on sample inputs and compare its outputs with a reference.
+"""Numerical verification: run a graph on sample inputs and compare its outputs with a reference, in full float32
+precision (`full_precision`: no TF32 on a GPU).
 
 Every run gets fresh copies of the samples (`fresh`): a model may edit its inputs in place (`x.sub_(0.5)`),
 and a second run on edited samples would differ from the first for a correct graph."""
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import fx
@@ -12,17 +16,31 @@ LOW_PRECISION_EPS = 8
 
 
 def sample_inputs(example_inputs) -> list[tuple]:
-    """The caller's example inputs plus a seeded random variant of their floating-point tensors
-    (scalars stay: dynamo passes options such as a dropout probability as 0-d tensors)."""
+    """The caller's example inputs plus a seeded random variant of their floating-point tensors, on their
+    devices (scalars stay: dynamo passes options such as a dropout probability as 0-d tensors). The noise is
+    drawn on the CPU, so that the samples are the same on every device."""
     generator = torch.Generator().manual_seed(0)
 
     def randomise(value):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1:
             noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
+            noise = noise.to(value.device)
             return (value.float().std().clamp(min=1e-3) * noise + value.float().mean()).to(value.dtype)
         return value
 
     return [tuple(example_inputs), tuple(pytree.tree_map(randomise, tuple(example_inputs)))]
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 arithmetic as written while open: no TF32 in CUDA convolutions and matrix products (on by default
+    for cuDNN convolutions, it moves float32 outputs by ~5e-4 relative, 5x the tolerance of an exact rewrite)."""
+    matmul, convolution = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, convolution
 
 
 def fresh(inputs):

@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 import torchvision
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxcompress
 from fxcompress.capture import bake_weights, capture, scalar_placeholders, weight_placeholders
@@ -108,3 +110,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class OneDevice(TorchDispatchMode):
+    """Raises where an op takes tensors (of one dim or more) on different devices. On the `meta` device torch
+    itself does not check index tensors, so a CPU index created by a pass for a GPU graph goes unnoticed there:
+    this mode notices it on a CPU-only machine."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = {t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()}
+        if len(devices) > 1:
+            raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
+        return func(*args, **kwargs)

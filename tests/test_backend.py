@@ -80,7 +80,7 @@ def test_plan_from_compress_gives_same_outputs_through_the_backend():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"lowering": "tvm"}, "unknown lowering 'tvm'; valid: eager, inductor"),
+    ({"lowering": "tvm"}, "unknown lowering 'tvm'; valid: cudagraphs, eager, inductor, inductor-reduce-overhead"),
     ({"forse": True}, "unknown depthprune option(s) 'forse'"),
     ({"force": "yes"}, "option 'force' must be bool"),
     ({"plan": "/nonexistent/plan.json"}, "plan file not found"),

@@ -198,3 +198,26 @@ def test_the_built_in_trainer_takes_data_loaders_as_they_are():
                    calibration_batches=1)
     check_trajectory(result, 1)
     assert result.trajectory.steps[1]["test"] == evaluate(result.model, splits.test).accuracy
+
+
+def test_the_loop_runs_on_its_device_and_its_checkpoints_load_without_that_device(tmp_path, monkeypatch):
+    """The loop copies the model and moves the example to `device` (a model on another device than its example
+    would not capture); a checkpoint of a GPU run must load on a CPU-only machine: every load maps to the CPU."""
+    model = with_classes(torchvision.models.resnet18(), 10).eval()
+    prune(model, X16, data=tiny_data(), train_config=FEW, steps=1, max_drop=1.0, device="cpu", out=tmp_path,
+          progress=False)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    loads = []
+    real_load = torch.load
+
+    def cpu_only_load(path, *args, **kwargs):  # what torch.load does with CUDA tensors where there is no CUDA
+        loads.append(kwargs.get("map_location"))
+        if kwargs.get("map_location") != "cpu":
+            raise RuntimeError("Attempting to deserialize object on a CUDA device but torch.cuda.is_available() "
+                               "is False")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", cpu_only_load)
+    resumed = prune(model, X16, data=tiny_data(), train_config=FEW, steps=2, max_drop=1.0, out=tmp_path,
+                    resume=True, progress=False)
+    assert loads and [entry["step"] for entry in resumed.trajectory.steps] == [0, 1, 2]

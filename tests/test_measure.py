@@ -86,7 +86,7 @@ def test_an_exported_program_is_measured_through_its_module():
     ({"a": nn.Identity().eval()}, x, {"repeats": 0}, r"option 'repeats' must be an int >= 1, got 0"),
     ({"a": nn.Identity().eval()}, x, {"warmup": -1}, r"option 'warmup' must be an int >= 0, got -1"),
     ({"a": nn.Identity().eval()}, x, {"repeats": 2.5}, r"option 'repeats' must be an int >= 1, got 2.5"),
-    ({"a": nn.Identity().eval()}, x, {"lowering": "tvm"}, r"unknown lowering 'tvm'; valid: eager"),
+    ({"a": nn.Identity().eval()}, x, {"lowering": "tvm"}, r"unknown lowering 'tvm'; valid: cudagraphs, eager"),
 ])
 def test_bad_arguments_are_named(models, inputs, options, message):
     with pytest.raises(fxcompress.OptionError, match=message):

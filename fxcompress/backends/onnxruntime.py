@@ -1,5 +1,6 @@
-"""ONNX export (torch.onnx's dynamo exporter), `onnx.checker`, and an ONNX Runtime session (CUDA provider
-where present and asked for, CPU otherwise) wrapped to take and return torch tensors."""
+"""ONNX export (torch.onnx's dynamo exporter), `onnx.checker`, and an ONNX Runtime session wrapped to take and
+return torch tensors: on the CPU, or on ONNX Runtime's CUDA provider for CUDA inputs (an error where that provider
+is not installed, never a silent fall back to the CPU)."""
 from __future__ import annotations
 
 import tempfile
@@ -45,7 +46,10 @@ class OnnxRuntimeModule:
         # idle worker threads must not spin: they would steal the cores of whatever runs next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise MissingDependencyError("the onnxruntime lowering on CUDA inputs needs ONNX Runtime's CUDA "
+                                             "provider (pip install onnxruntime-gpu); none is installed here")
             providers.insert(0, "CUDAExecutionProvider")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -53,11 +57,15 @@ class OnnxRuntimeModule:
 
     def __call__(self, *inputs):
         feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
-        outputs = [torch.from_numpy(array) for array in self.session.run(None, feed)]
+        device = inputs[0].device if inputs else torch.device("cpu")
+        outputs = [torch.from_numpy(array).to(device) for array in self.session.run(None, feed)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def module(model, example_inputs, path: str | Path | None = None, device: str = "cpu", dynamic_batch: bool = False):
+def module(model, example_inputs, path: str | Path | None = None, dynamic_batch: bool = False):
+    """An ONNX Runtime session of `model`, on the CUDA provider for CUDA inputs (through host copies), else on
+    the CPU."""
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="fxcompress-")) / "model.onnx"
+    device = example_inputs[0].device.type if example_inputs else "cpu"
     return OnnxRuntimeModule(export_onnx(model, example_inputs, path, dynamic_batch), device)

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Subset
 
 from ..api import compress
+from ..capture import private_copy
 from ..data import ImageSet
 from ..errors import OptionError, PassError, PlanError, finite_number, known_fields
 from ..graph import module_of
@@ -198,9 +200,9 @@ class _BuiltIn:
 
 
 class _Callables:
-    def __init__(self, finetune: Callable, evaluate: Callable, test: Callable | None):
+    def __init__(self, finetune: Callable, evaluate: Callable, test: Callable | None, device: str):
         self.finetune_fn, self.evaluate_fn, self.test_fn = finetune, evaluate, test
-        self.teacher, self.device = None, "cpu"
+        self.teacher, self.device = None, device
 
     probe = None  # the one-shot selection's probes need the built-in trainer
 
@@ -360,7 +362,8 @@ class _Loop:
                    "dense_weight_layers": before.weight_layers}
         if self.config.latency:
             timing = measure({"dense": self.dense, "compressed": result.module}, self.example_inputs,
-                             lowering=self.config.lowering, threads=self.config.latency_threads)
+                             lowering=self.config.lowering, device=self.runner.device,
+                             threads=self.config.latency_threads)
             metrics["latency_ratio"] = timing["results"]["compressed"]["ratio"]
             metrics["latency_ms"] = {name: r["median_ms"] for name, r in timing["results"].items()}
         return metrics
@@ -481,8 +484,10 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
     `evaluate` callables (then `calibration` batches for the methods that measure). With the built-in trainer,
     `objective` (`objectives.Denoising`: a diffusion model's denoiser) replaces classification: its loss trains,
     its score validates and tests, and calibration batches are its model inputs. `progress` prints a line per
-    step and shows calibration bars (the trainer's bars follow `train_config.progress`). The caller's model is not
-    modified."""
+    step and shows calibration bars (the trainer's bars follow `train_config.progress`). A copy of the model, the
+    example inputs and the calibration batches go to `device` ("cpu", "cuda", "cuda:N"): the loop trains, scores,
+    captures and measures latency there; its checkpoints load on a machine without that device. The caller's model
+    is not modified."""
     config = loop_config(method, options)
     method = config.method
     if (data is None) == (finetune is None or evaluate is None):
@@ -505,9 +510,11 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
         calibration, validation_batch = _calibration(data, config.calibration_batches, train_config.batch_size,
                                                      objective)
     else:
-        runner, validation_batch = _Callables(finetune, evaluate, test), None
+        runner, validation_batch = _Callables(finetune, evaluate, test, device), None
         calibration = [batch if isinstance(batch, tuple) else (batch,) for batch in (calibration or [])]
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    model, example_inputs, calibration, validation_batch = _on_device(
+        device, model, example_inputs, calibration, validation_batch)
     out = _prepare_folder(out, resume)
     loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, out, progress)
     if resume:
@@ -518,6 +525,13 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
             loop.trajectory.training["objective"] = objective.describe()
     loop.run()
     return loop.result()
+
+
+def _on_device(device: str, model: torch.nn.Module, *batches):
+    """A copy of `model` and the tensors of `batches` (nested tuples and lists) on `device`: the loop trains,
+    scores, captures and measures there."""
+    return (private_copy(model).to(device),
+            *(pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch) for batch in batches))
 
 
 def _prepare_folder(out, resume: bool) -> Path | None:

@@ -45,7 +45,7 @@ from ..graph import annotate_names, annotate_shapes, channel_axis, module_of, na
 from ..ops import _TABLE, bind
 from ..pipeline import check_plan, compress_graph
 from ..plan import Plan
-from ..verify import fresh, output_tensors, relative_error, sample_inputs
+from ..verify import fresh, full_precision, output_tensors, relative_error, sample_inputs
 
 TOLERANCE = 1e-4  # relative: the planned copy against the graph with the plan applied, in float32
 
@@ -381,6 +381,7 @@ def _visible(graph_sites: list[str], seen: list[str], edited) -> list[str]:
     return [site for site in graph_sites if module_of(site) in called]
 
 
+@full_precision()
 def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Refuse a planned copy whose call sites or eval-mode outputs differ from the graph with the plan."""
     reference_gm, _ = compress_graph(copy.deepcopy(gm), example_inputs, CompressConfig(), gm.fxcompress_plan,

@@ -98,7 +98,7 @@ def global_magnitude_masks(model: nn.Module, paths: list[str], rate: float) -> d
     alive = [mask.flatten().nonzero().squeeze(1) for mask in masks.values()]
     magnitudes = torch.cat([effective_weight(model.get_submodule(path)).abs().flatten()[index]
                             for path, index in zip(paths, alive)])
-    pruned = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    pruned = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
     pruned[magnitudes.topk(int(rate * magnitudes.numel()), largest=False).indices] = True
     for mask, index, flags in zip(masks.values(), alive, pruned.split([index.numel() for index in alive])):
         mask.view(-1)[index[flags]] = False

@@ -26,8 +26,8 @@ from ..plan import PlanAction
 _PRODUCER_PARAMS = ("weight", "bias", "running_mean", "running_var", "bias_map")
 
 
-def _keep(size: int, removed: set[int]) -> torch.Tensor:
-    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
+def _keep(size: int, removed: set[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long, device=device)
 
 
 def _slice(gm: fx.GraphModule, node: fx.Node, param: str, keep: torch.Tensor, dim: int) -> None:
@@ -40,8 +40,8 @@ def _slice(gm: fx.GraphModule, node: fx.Node, param: str, keep: torch.Tensor, di
 
 def _remove_outputs(gm: fx.GraphModule, node: fx.Node, removed: set[int]) -> None:
     call = bind(node)
-    keep = _keep(constant(gm, call["weight"] if call.kind != "batch_norm" else call["running_mean"]).shape[0],
-                 removed)
+    weight = constant(gm, call["weight"] if call.kind != "batch_norm" else call["running_mean"])
+    keep = _keep(weight.shape[0], removed, weight.device)
     for param in _PRODUCER_PARAMS:
         if param in call.args:
             _slice(gm, node, param, keep, 1 if param == "bias_map" else 0)
@@ -51,7 +51,7 @@ def _remove_outputs(gm: fx.GraphModule, node: fx.Node, removed: set[int]) -> Non
 
 def _remove_inputs(gm: fx.GraphModule, node: fx.Node, removed: set[int]) -> None:
     weight = constant(gm, bind(node)["weight"])
-    _slice(gm, node, "weight", _keep(weight.shape[1], removed), 1)
+    _slice(gm, node, "weight", _keep(weight.shape[1], removed, weight.device), 1)
 
 
 def remove_channels(gm: fx.GraphModule, ctx: PassContext) -> Iterator[Site]:

@@ -35,7 +35,7 @@ def _zeroed(gm: fx.GraphModule, target: str, call, channels: list[int]) -> dict[
         if tensor is None:
             raise PlanError(f"cannot zero channels of {target}: {stable_name(call.node)} has no constant {param}")
         zeroed[param] = tensor.detach().clone()
-        zeroed[param][torch.tensor(channels)] = 0
+        zeroed[param][torch.tensor(channels, device=tensor.device)] = 0
     return zeroed
 
 

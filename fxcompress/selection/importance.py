@@ -78,7 +78,7 @@ def criterion_costs(gm: fx.GraphModule, table: CandidateTable, calibration: list
         else:
             (name,) = candidate.activations
             states = nodes[name].meta[meta.CHANNEL_STATES]
-            off = torch.tensor([label == OFF for label in states.states()])
+            off = torch.tensor([label == OFF for label in states.states()], device=states.error.device)
             costs[candidate.name] = float(states.error[off].sum()) / len(off)
     return costs
 
