@@ -39,6 +39,7 @@ from .compiler import compress_captured
 from .config import CompressConfig
 from .errors import OptionError, valid_choice
 from .graph import graph_inputs
+from .ops import bind
 from .plan import Plan
 from .planner import check_max_error
 from .tokens.config import TokenConfig
@@ -235,8 +236,29 @@ class DepthPruneCompiled:
         return compiled(*[args[i] for i in self.runtime_indices])
 
 
+def trains(gm: fx.GraphModule, example_inputs) -> bool:
+    """Whether the graph trains: gradients enabled, parameters that want them, and a BatchNorm or dropout in
+    training mode (a model in train mode). Baking its weights would leave them without gradients."""
+    if not torch.is_grad_enabled() or not any(isinstance(value, torch.Tensor) and value.requires_grad
+                                              for value in example_inputs):
+        return False
+    for node in gm.graph.nodes:
+        call = bind(node)
+        if call is not None and call.kind in ("batch_norm", "dropout") and \
+                call.args.get("training", call.args.get("train")) is not False:
+            return True
+    return False
+
+
 def depthprune(gm: fx.GraphModule, example_inputs, options: dict | None = None):
-    """The torch.compile backend function (registered as "depthprune")."""
+    """The torch.compile backend function (registered as "depthprune"). A graph that trains runs as dynamo
+    captured it, uncompressed, with a warning: depthprune is an inference compiler."""
     if not isinstance(options, (dict, type(None))):
         raise OptionError(f"depthprune options must be a dict, got {type(options).__name__}")
+    parse_options(options)
+    if trains(gm, example_inputs):
+        warnings.warn("depthprune compiles models for inference, but this one is in training mode with gradients "
+                      "enabled: it runs uncompressed, so that every parameter gets its gradient; call model.eval() "
+                      "(and run it under torch.no_grad()) to compress it")
+        return gm.forward
     return DepthPruneCompiled(gm, list(example_inputs), options)

@@ -121,6 +121,20 @@ def test_batch_norm_in_training_mode_stays_live_in_the_backend():
     assert relative_error(eager(x), compiled(x)) <= 1e-5
 
 
+@pytest.mark.slow
+def test_a_model_training_through_the_backend_runs_uncompressed_with_every_gradient():
+    # Regression: weights were baked, so a backward pass gave gradients to the BatchNorm parameters only.
+    model = small_net().train()
+    reports = []
+    compiled = torch.compile(model, backend="depthprune", options={"lowering": "eager", "on_report": reports.append})
+    with pytest.warns(UserWarning, match="depthprune compiles models for inference, but this one is in training mode"):
+        compiled(x).sum().backward()
+    assert not reports and all(parameter.grad is not None for parameter in model.parameters())
+    with torch.no_grad():  # the same model under no_grad is compressed (its BatchNorm statistics stay live)
+        compiled(x)
+    assert reports
+
+
 @entries
 def test_a_submodule_left_in_training_mode_is_not_folded(entry):
     model = small_net()
