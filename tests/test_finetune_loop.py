@@ -221,3 +221,20 @@ def test_the_loop_runs_on_its_device_and_its_checkpoints_load_without_that_devic
     resumed = prune(model, X16, data=tiny_data(), train_config=FEW, steps=2, max_drop=1.0, out=tmp_path,
                     resume=True, progress=False)
     assert loads and [entry["step"] for entry in resumed.trajectory.steps] == [0, 1, 2]
+
+
+def test_resume_refuses_other_settings_naming_both_values_and_keeps_the_record(tmp_path):
+    model = with_classes(torchvision.models.resnet18(), 10).eval()
+    prune(model, X16, data=tiny_data(), train_config=FEW, steps=1, max_drop=1.0, out=tmp_path, progress=False)
+    record = (tmp_path / "trajectory.json").read_text()
+    faster = TrainConfig(max_batches=2, batch_size=16, progress=False, lr=0.1)
+    with pytest.raises(OptionError, match=r"holds a run with other settings \(lr 0\.01 -> 0\.1\)"):
+        prune(model, X16, data=tiny_data(), train_config=faster, steps=2, max_drop=1.0, out=tmp_path, resume=True,
+              progress=False)
+    with pytest.raises(OptionError, match=r"per_step 1 -> 2"):
+        prune(model, X16, data=tiny_data(), train_config=FEW, steps=2, per_step=2, max_drop=1.0, out=tmp_path,
+              resume=True, progress=False)
+    assert (tmp_path / "trajectory.json").read_text() == record
+    resumed = prune(model, X16, data=tiny_data(), train_config=FEW, steps=2, max_drop=1.0, out=tmp_path, resume=True,
+                    progress=False)
+    assert resumed.trajectory.training["lr"] == 0.01 and resumed.trajectory.settings["steps"] == 2

@@ -108,6 +108,9 @@ class LoopConfig:
         return self.measure_latency or self.latency_ratio is not None
 
 
+RESUMABLE = ("steps", "progress", "workers")  # settings a resumed run may change: its length, how it is shown
+
+
 @dataclass
 class Trajectory:
     settings: dict  # the LoopConfig
@@ -277,22 +280,25 @@ class _Loop:
             _atomic(self.out / "steps" / f"{step['step']}.pt", lambda tmp: torch.save(step, tmp))
         self.trajectory.save(self.out / "trajectory.json")
 
-    def resume(self) -> None:
-        """Continue from the checkpoint in `out`, if there is one."""
+    def resume(self, training: dict) -> None:
+        """Continue from the checkpoint in `out`, if there is one. Settings that differ from the run's own are
+        refused (all but `RESUMABLE`: a run may be extended, and shown differently), so its record stays true."""
         state = self._checkpoint(self.out / "checkpoint.pt")
         if state is None:
             return
-        saved = state["trajectory"]["settings"]
-        changed = sorted(key for key in saved if key != "steps" and saved[key] != asdict(self.config).get(key))
+        saved = state["trajectory"]
+        changed = [f"{name} {saved[part].get(name)!r} -> {value!r}"
+                   for part, given in (("settings", asdict(self.config)), ("training", training))
+                   for name, value in given.items() if name not in RESUMABLE and saved[part].get(name) != value]
         if changed:
-            raise OptionError(f"{self.out} holds a run with other settings ({', '.join(changed)}); "
-                              "use another folder or start over with force")
+            raise OptionError(f"{self.out} holds a run with other settings ({'; '.join(changed)}): resume it with "
+                              "its own, or start a new run in another folder (or over it with force)")
         self.dense = copy.deepcopy(self.template)
         self.dense.load_state_dict(state["dense_state_dict"])
         self.runner.teacher = self.dense.eval()
         self.model = self._load(state)
         self.trajectory = Trajectory(**state["trajectory"])
-        self.trajectory.settings = asdict(self.config)
+        self.trajectory.settings["steps"] = self.config.steps
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 
@@ -517,12 +523,13 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
         device, model, example_inputs, calibration, validation_batch)
     out = _prepare_folder(out, resume)
     loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, out, progress)
+    training = {} if data is None else train_config.to_dict()
+    if objective is not None:
+        training["objective"] = objective.describe()
     if resume:
-        loop.resume()
-    if data is not None:
-        loop.trajectory.training = train_config.to_dict()
-        if objective is not None:
-            loop.trajectory.training["objective"] = objective.describe()
+        loop.resume(training)
+    if not loop.trajectory.steps:
+        loop.trajectory.training = training
     loop.run()
     return loop.result()
 
