@@ -315,6 +315,7 @@ def demo() -> None:
     from fxcompress.data import fashion_mnist_splits
     from fxcompress.finetune import apply_plan
     from fxcompress.finetune.trainer import evaluate
+    from fxcompress.measure import speedup
     saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)
     dense, kept = base_model("mobilenet_v2"), base_model("mobilenet_v2")
     dense.load_state_dict({key: value.float() for key, value in saved["dense"].items()})
@@ -339,8 +340,7 @@ def demo() -> None:
           " (weight layers and MACs after compress: BatchNorms folded, merges made)")
     for size in (SIZE, 224):
         ratio = latency_ratio(dense.eval(), plan, size, "onnxruntime")
-        print(f"batch-1 latency on ONNX Runtime at {size}x{size}: shallower / dense = {ratio:.3f} "
-              f"({1 / ratio:.2f}x faster)")
+        print(f"batch-1 latency on ONNX Runtime at {size}x{size}: shallower / dense = {ratio:.3f} ({speedup(ratio)})")
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from ..capture import private_copy
 from ..data import ImageSet
 from ..errors import OptionError, PassError, PlanError, finite_number, known_fields
 from ..graph import module_of
-from ..measure import measure
+from ..measure import measure, speedup
 from ..plan import Decision, Plan
 from . import distributed
 from . import oneshot  # noqa: F401  (registers the "oneshot" method)
@@ -347,9 +347,11 @@ class _Loop:
             removed = f"{entry.get('blocks_removed', 0)} blocks removed, " if entry.get("blocks_removed") else ""
             sparsity = f"sparsity {entry['sparsity']:.3f}, " if entry.get("sparsity") else ""
             test = entry["test"] if entry["test"] is None else round(entry["test"], 4)
+            latency = f", latency {entry['latency_ratio']:.3f} of the dense model's ({speedup(entry['latency_ratio'])})" \
+                if "latency_ratio" in entry else ""
             print(f"step {step}: {entry.get('activations_linearised', 0)} activations linearised, {removed}{sparsity}"
                   f"weight layers {entry.get('weight_layers')}, validation {entry['validation']:.4f} "
-                  f"(drop {entry['drop']:+.4f}), test {test}", flush=True)
+                  f"(drop {entry['drop']:+.4f}), test {test}{latency}", flush=True)
         if entry["within_tolerance"]:
             self.trajectory.kept, self.kept_model = step, self.model
         self.save(entry["within_tolerance"])
