@@ -165,11 +165,16 @@ DEMO_RUN = "oneshot-probe"
 
 
 def freeze() -> None:
+    from fxcompress.finetune.run_folder import RunFolder
+    from fxcompress.finetune.sparsity import plain_state_dict
+    from fxcompress.trainable import base_of, plan_of
     half = lambda state: {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     saved = {"run": DEMO_RUN}
     for label, name in (("shallower", DEMO_RUN), ("control", "control")):
-        kept = torch.load(RUNS / name / "kept.pt", map_location="cpu", weights_only=False)
-        saved[label] = {"plan": kept["plan"], "state_dict": half(kept["state_dict"]), "step": kept["step"]}
+        folder = RunFolder(RUNS / name)
+        kept = folder.kept_model()
+        saved[label] = {"plan": plan_of(kept).to_dict(), "state_dict": half(plain_state_dict(base_of(kept))),
+                        "step": folder.trajectory()["kept"]}
     torch.save(saved, DEMO_FILE)
     print(f"wrote {DEMO_FILE}")
 
@@ -177,7 +182,7 @@ def freeze() -> None:
 def demo() -> None:
     from fxcompress import Plan, compress
     from fxcompress.data import fashion_mnist_splits
-    from fxcompress.finetune import apply_plan
+    from fxcompress.trainable import apply_plan
     from fxcompress.finetune.trainer import evaluate
     from fxcompress.measure import measure, speedup
     saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)

@@ -115,14 +115,10 @@ SAMPLE_BATCH, TIME_BATCH = 250, 10  # sampling for the quality scores; timing an
 def step_model(kind: str, method: str, step: int, batch: int):
     """A run's step: its trained weights with its plan, compressed (what a deployment samples with) for batches
     of `batch` (diffusers' UNet fixes its batch when captured)."""
-    from fxcompress import Plan, compress
-    from fxcompress.finetune.planned import apply_plan
-    state = torch.load(RUNS / kind / method / "steps" / f"{step}.pt", map_location="cpu", weights_only=False)
-    model = fashion_diffusion.build(kind)
-    model.load_state_dict(state["state_dict"])
-    example = fashion_diffusion.example_inputs(batch)
-    return compress(apply_plan(model.eval(), Plan.from_dict(state["plan"]), example), example,
-                    dynamic_batch=False).module
+    from fxcompress import compress
+    from fxcompress.finetune.run_folder import RunFolder
+    planned = RunFolder(RUNS / kind / method).step_model(step)
+    return compress(planned.eval(), fashion_diffusion.example_inputs(batch), dynamic_batch=False).module
 
 
 def time_ratio(dense, model, repeats: int = 3, batch: int = 10) -> tuple[float, float]:

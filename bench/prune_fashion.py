@@ -33,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trajectories  # noqa: E402
-from trajectories import lacoot_weight, plan_until, read_trajectory, within_one_point  # noqa: E402
+from trajectories import lacoot_weight, read_trajectory, within_one_point  # noqa: E402
+
+from fxcompress.finetune.run_folder import plan_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs"
@@ -281,7 +283,7 @@ def egp_split(name: str) -> None:
     """The fraction of each layer's weights that EGP's first round prunes on the dense model, with the calibration
     batches of the `egp` run (its step 1), and the layers pruned entirely."""
     from fxcompress.data import fashion_mnist_splits
-    from fxcompress.finetune import apply_plan
+    from fxcompress.trainable import apply_plan
     from fxcompress.finetune.loop import _calibration
     from fxcompress.finetune.methods import Egp, StepInputs
     from fxcompress.plan import Plan
@@ -302,18 +304,22 @@ DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
 
 
 def freeze() -> None:
-    kept = torch.load(RUNS / "mobilenet_v2" / DEMO_RUN / "kept.pt", map_location="cpu", weights_only=False)
+    from fxcompress.finetune.run_folder import RunFolder
+    from fxcompress.finetune.sparsity import plain_state_dict
+    from fxcompress.trainable import base_of, plan_of
+    folder = RunFolder(RUNS / "mobilenet_v2" / DEMO_RUN)
+    kept, step = folder.kept_model(), folder.trajectory()["kept"]
     dense_state = torch.load(dense_path("mobilenet_v2"), map_location="cpu", weights_only=True)
     half = lambda state: {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
-    torch.save({"run": DEMO_RUN, "step": kept["step"], "plan": kept["plan"], "dense": half(dense_state),
-                "kept": half(kept["state_dict"])}, DEMO_FILE)
-    print(f"wrote {DEMO_FILE} (step {kept['step']} of {DEMO_RUN})")
+    torch.save({"run": DEMO_RUN, "step": step, "plan": plan_of(kept).to_dict(), "dense": half(dense_state),
+                "kept": half(plain_state_dict(base_of(kept)))}, DEMO_FILE)
+    print(f"wrote {DEMO_FILE} (step {step} of {DEMO_RUN})")
 
 
 def demo() -> None:
     from fxcompress import Plan, compress
     from fxcompress.data import fashion_mnist_splits
-    from fxcompress.finetune import apply_plan
+    from fxcompress.trainable import apply_plan
     from fxcompress.finetune.trainer import evaluate
     from fxcompress.measure import speedup
     saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)

@@ -32,7 +32,9 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_vit  # noqa: E402
 import trajectories  # noqa: E402
-from trajectories import lacoot_weight, plan_until, read_trajectory, within_one_point  # noqa: E402
+from trajectories import lacoot_weight, read_trajectory, within_one_point  # noqa: E402
+
+from fxcompress.finetune.run_folder import plan_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "vit"
@@ -124,13 +126,13 @@ def test_accuracy(arch: str, method: str, steps: list[dict], step: int, tokens: 
     """The test accuracy of a run's step, with FOLDER token merging if asked: the kept step's weights, or, in a
     run that does not fine-tune after step 0 (LaCoOT), the run's weights with the step's plan."""
     from fxcompress import compress
-    from fxcompress.finetune.planned import apply_plan
-    kept = torch.load(RUNS / arch / method / "kept.pt", map_location="cpu", weights_only=False)
-    if kept["step"] != step and RUNS_OF[method].get("epochs_per_step", 1) != 0:
-        raise SystemExit(f"{arch}/{method}: kept.pt holds step {kept['step']}, not {step}")
-    model = fashion_vit.build(arch=arch)
-    model.load_state_dict(kept["state_dict"])
-    planned = apply_plan(model.eval(), plan_until(steps, step), example())
+    from fxcompress.finetune.run_folder import RunFolder
+    from fxcompress.trainable import apply_plan, base_of
+    folder = RunFolder(RUNS / arch / method)
+    kept_step = folder.trajectory()["kept"]
+    if kept_step != step and RUNS_OF[method].get("epochs_per_step", 1) != 0:
+        raise SystemExit(f"{arch}/{method}: kept.pt holds step {kept_step}, not {step}")
+    planned = apply_plan(base_of(folder.kept_model()).eval(), plan_until(steps, step), example())
     compressed = compress(planned, example(), tokens=tokens).module
     return fashion_vit.accuracy(compressed, *fashion_vit.images("test"))
 

@@ -1,5 +1,6 @@
-"""What the bench scripts read of their runs: trajectories, the step within tolerance, a step's plan, and a
-plan's latency ratio against the dense model. One module, so that the scripts agree."""
+"""What the bench scripts read of their committed results: trajectories, the step within tolerance, and a plan's
+latency ratio against the dense model. One module, so that the scripts agree (a run's own folder is
+`fxcompress.finetune.run_folder.RunFolder`)."""
 from __future__ import annotations
 
 import json
@@ -19,13 +20,6 @@ def within_one_point(steps: list[dict], key: str = "activations_linearised") -> 
     step 0's: chosen on validation, reported on test."""
     within = [step for step in steps if round(step["drop"], 12) <= WITHIN]
     return max(within, key=lambda step: (step.get(key, 0), step["step"]))
-
-
-def plan_until(steps: list[dict], step: int):
-    """The plan of a run after `step`: the decisions of steps 1..step."""
-    from fxcompress import Plan
-    from fxcompress.plan import Decision
-    return Plan(tuple(Decision(**d) for entry in steps[1:step + 1] for d in entry["decisions"]))
 
 
 def latency_ratio(model: torch.nn.Module, plan, example: tuple, lowering: str, tokens: dict | None = None,

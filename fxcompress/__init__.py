@@ -10,7 +10,7 @@ from .plan import Decision, Plan
 from .planner import PlanResult, find_plan
 from .report import Metrics, Report
 from .tokens import TokenConfig, reduce_tokens
-from .finetune import apply_plan, plan_of
+from .trainable import apply_plan, plan_of
 from .finetune.loop import PruneResult, prune
 from .finetune.trainer import TrainConfig
 

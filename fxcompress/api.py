@@ -11,7 +11,7 @@ from .compiler import compress_captured
 from .compressed import CompressedModule, compressed_module
 from .config import CompressConfig
 from .errors import CaptureError, OptionError
-from .finetune.planned import split_plan
+from .trainable import split_plan
 from .graph import annotate_names, annotate_shapes
 from .pipeline import activation_names as graph_activation_names
 from .plan import Plan

@@ -29,6 +29,7 @@ from torch import fx
 from torch._dynamo.convert_frame import compile_lock
 from torch.utils import _pytree as pytree
 
+from . import meta
 from .errors import CaptureError
 from .graph import graph_inputs, is_guard, writes_in_place
 from .ops import bind
@@ -37,8 +38,8 @@ EXPORT_LOCK = compile_lock  # dynamo's own (re-entrant) lock: exports wait for c
 
 
 def is_planned(model) -> bool:
-    """Whether `model` was made by `finetune.apply_plan` (it carries its plan and edits its calls at run time)."""
-    return isinstance(model, torch.nn.Module) and "_fxcompress_plan" in model.__dict__
+    """Whether `model` was made by `trainable.apply_plan` (it carries its plan and edits its calls at run time)."""
+    return isinstance(model, torch.nn.Module) and meta.PLAN in model.__dict__
 
 
 def check_inputs(model, example_inputs) -> tuple:

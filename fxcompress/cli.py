@@ -189,32 +189,35 @@ def bench_command(args) -> int:
     return 0
 
 
-RUN_FILES = ("checkpoint.pt", "kept.pt", "trajectory.json", "plan.json", "model.pt", "model.pt2", "model.onnx")
+ARTIFACTS = ("model.pt2", "model.onnx", "model_trt.ep")
 
 
 def _prepare_run_folder(args) -> None:
     """Refuse a run folder that is not writable, or that holds anything while neither --resume nor --force is
-    given; --force deletes the files of an earlier run."""
-    out = Path(args.out)
-    _check_output_folder("--out", out)  # a file there is refused too
-    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    given; --force deletes the files of an earlier run and its artifact."""
+    from .finetune.run_folder import RunFolder
+
+    folder = RunFolder(args.out)
+    _check_output_folder("--out", folder.path)  # a file there is refused too
+    held = folder.files()
     if args.resume and args.force:
         raise OptionError("give --resume or --force, not both")
-    if args.resume and "checkpoint.pt" not in held:
-        raise OptionError(f"--resume: {out} holds no run to resume (no checkpoint.pt)")
+    if args.resume and not folder.holds_run():
+        raise OptionError(f"--resume: {folder.path} holds no run to resume (no checkpoint.pt)")
     if held and not (args.resume or args.force):
-        raise OptionError(f"--out {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
-                          "pass --resume to continue its run or --force to start over")
+        raise OptionError(f"--out {folder.path} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+                          "; pass --resume to continue its run or --force to start over")
     if args.force:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+        folder.clear()
+        for name in ARTIFACTS:
+            (folder.path / name).unlink(missing_ok=True)
 
 
 def prune_command(args) -> int:
     from .data import fashion_mnist_splits
     from .finetune import distributed
     from .finetune.loop import prune
-    from .finetune.sparsity import plain_state_dict
+    from .finetune.run_folder import RunFolder
     from .finetune.trainer import TrainConfig
     from .models import with_classes
 
@@ -252,15 +255,15 @@ def prune_command(args) -> int:
     if distributed.is_main():
         compressed = compress(result.model, example)
         artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32")
-        result.plan.save(out / "plan.json")
-        torch.save(plain_state_dict(result.model), out / "model.pt")
+        RunFolder(out).save_plan(result.plan)
         kept = result.trajectory.steps[result.trajectory.kept]
         print(f"stopped: {result.trajectory.stopped}; kept step {kept['step']}: "
               f"{kept['activations_linearised']} activations linearised, {kept['blocks_removed']} blocks removed, "
               f"sparsity {kept['sparsity']:.3f}, weight layers "
               f"{kept['dense_weight_layers']} -> {kept['weight_layers']}, validation {kept['validation']:.4f}, "
               f"test {kept['test']:.4f}")
-        print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {out / 'model.pt'}, {artifact}")
+        print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {artifact} and {out / 'kept.pt'} (the kept "
+              "model, planned and trainable: torch.load(path, weights_only=False))")
     distributed.shutdown()
     return 0
 

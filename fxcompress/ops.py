@@ -142,6 +142,18 @@ class OpCall:
         return items[0] if len(items) == 1 else self.node
 
 
+def spec_of(target) -> OpSpec | None:
+    """The op table's entry for a call target (a torch function, an ATen overload), None for unknown ops."""
+    return _TABLE.get(target)
+
+
+def python_ops(kinds) -> dict[Any, OpSpec]:
+    """The table's ops of `kinds` that a model's forward calls from Python (torch.* and F.* functions, not the
+    ATen overloads that capture produces)."""
+    return {target: spec for target, spec in _TABLE.items()
+            if spec.kind in kinds and not isinstance(target, torch._ops.OpOverload)}
+
+
 def bind(node: fx.Node) -> OpCall | None:
     """Bind `node` to the op table, or None for ops the passes do not know (opaque)."""
     return _bind(node, _TABLE)

@@ -9,7 +9,7 @@ import torchvision
 
 import fxcompress
 from fxcompress import CaptureError, OptionError, Plan, PlanError
-from fxcompress.finetune import apply_plan, base_of, plan_of
+from fxcompress.trainable import apply_plan, base_of, plan_of
 from fxcompress.plan import Decision
 
 torch.manual_seed(0)
@@ -187,3 +187,19 @@ def test_torch_compile_of_a_planned_model_keeps_its_edits():
         expected = planned(X)
         assert relative(compiled(X), expected) < 1e-5
         assert relative(model(X), expected) > 1e-2
+
+
+def test_a_planned_and_pruned_model_saves_and_loads_with_its_plan(tmp_path):
+    # Regression: torch.save raised a PicklingError (the planned class is made at run time).
+    model = trained_batchnorm(torchvision.models.resnet18())
+    plan = Plan((Decision("linearize", "layer1.0.relu:relu"), Decision("remove_block", "layer2.1:add")))
+    planned = apply_plan(model, plan, (X,))
+    torch.nn.utils.prune.l1_unstructured(planned.conv1, "weight", 0.5)
+    planned.train()
+    torch.save(planned, tmp_path / "planned.pt")
+    loaded = torch.load(tmp_path / "planned.pt", weights_only=False)
+    assert type(loaded).__name__ == "PlannedResNet" and plan_of(loaded) == plan_of(planned) and loaded.training
+    assert hasattr(loaded.conv1, "weight_mask") and torch.equal(loaded.conv1.weight, planned.conv1.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(X), planned.eval()(X))
+    assert plan_of(copy.deepcopy(planned)) == plan_of(planned)  # a deep copy does not apply the plan again

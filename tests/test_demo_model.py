@@ -7,7 +7,7 @@ import torch
 
 import fxcompress
 from fxcompress import Plan
-from fxcompress.finetune import apply_plan
+from fxcompress.trainable import apply_plan
 from fxcompress.models import pretrained_mobilenet_v2, with_classes
 
 DEMO_FILE = Path(__file__).parents[1] / "bench" / "results" / "prune" / "mobilenet_v2_demo.pt"

@@ -100,7 +100,7 @@ def run_loop_rank(rank: int, port: int, out_dir: str) -> None:
     distributed.init_from_env(backend="gloo")
     try:
         from fxcompress.data import fashion_mnist_splits
-        from fxcompress.finetune import plan_of
+        from fxcompress.trainable import plan_of
         from fxcompress.finetune.loop import prune
         from loop_models import small_cnn
         data = fashion_mnist_splits(16, validation=64, train_samples=128, test_samples=64)

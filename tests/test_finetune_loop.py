@@ -17,8 +17,9 @@ import fxcompress
 from fxcompress import OptionError, Plan
 from fxcompress.cli import main as cli_main
 from fxcompress.data import FASHION_MNIST_DIR, fashion_mnist_splits
-from fxcompress.finetune import plan_of
+from fxcompress.trainable import plan_of
 from fxcompress.finetune.loop import prune
+from fxcompress.finetune.run_folder import RunFolder
 from fxcompress.finetune.trainer import TrainConfig, collate_fn, evaluate
 from fxcompress.models import with_classes
 
@@ -146,12 +147,13 @@ def test_the_prune_command_writes_its_outputs(tmp_path):
     completed = _run(_prune_command(tmp_path / "run", "--steps", "1", "--max-batches", "2"))
     assert completed.returncode == 0, completed.stderr[-2000:]
     out = tmp_path / "run"
-    for name in ("trajectory.json", "plan.json", "model.pt", "model.pt2", "checkpoint.pt"):
+    for name in ("trajectory.json", "plan.json", "kept.pt", "model.pt2", "checkpoint.pt"):
         assert (out / name).is_file(), name
-    model = small_cnn()
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    folder = RunFolder(out)
+    planned = folder.kept_model()
+    assert plan_of(planned).decisions == Plan.load(out / "plan.json").decisions == \
+        folder.plan_at(folder.trajectory()["kept"]).decisions
     program = torch.export.load(out / "model.pt2").module()
-    planned = fxcompress.finetune.apply_plan(model, Plan.load(out / "plan.json"), X16)
     with torch.no_grad():
         assert torch.allclose(program(X16[0]), planned.eval()(X16[0]), atol=1e-5)
 

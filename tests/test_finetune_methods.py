@@ -9,7 +9,7 @@ import torchvision
 
 import fxcompress
 from fxcompress import Plan
-from fxcompress.finetune import apply_plan
+from fxcompress.trainable import apply_plan
 from fxcompress.finetune.methods import StepInputs, make_method
 
 from helpers import randomize_batchnorm

@@ -15,7 +15,7 @@ from fxcompress.errors import OptionError, PlanError
 from fxcompress.blocks import monitored_blocks
 from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances
 from fxcompress.finetune.methods import Lacoot, StepInputs
-from fxcompress.finetune.planned import apply_plan, planned_graph, recording
+from fxcompress.trainable import apply_plan, planned_graph, recording
 from fxcompress.finetune.trainer import TrainConfig, train
 from fxcompress.plan import Decision, Plan
 from helpers import relative_error, torchvision_model

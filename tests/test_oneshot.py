@@ -183,10 +183,10 @@ def test_a_changed_region_is_what_the_candidate_replaces():
 
 # --- the oneshot method on the loop -----------------------------------------------------------------------------
 
-from fxcompress.finetune import apply_plan  # noqa: E402
+from fxcompress.trainable import apply_plan  # noqa: E402
 from fxcompress.finetune.methods import StepInputs  # noqa: E402
 from fxcompress.finetune.oneshot import probe_costs  # noqa: E402
-from fxcompress.finetune.planned import blending  # noqa: E402
+from fxcompress.trainable import blending  # noqa: E402
 from fxcompress.selection import select  # noqa: E402
 from fxcompress.selection.importance import criterion_costs  # noqa: E402
 

@@ -11,7 +11,7 @@ from torch.nn.utils import prune as torch_prune
 import fxcompress
 from fxcompress import OptionError, compress
 from fxcompress.data import FASHION_MNIST_DIR, fashion_mnist_splits
-from fxcompress.finetune import apply_plan, plan_of
+from fxcompress.trainable import apply_plan, plan_of
 from fxcompress.finetune.methods import Egp, StepInputs
 from fxcompress.finetune.sparsity import (egp_amounts, global_magnitude_masks, layer_magnitude_masks,
                                           plain_state_dict, set_masks)

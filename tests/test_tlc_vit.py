@@ -13,7 +13,7 @@ from torch import fx, nn
 import fxcompress
 from fxcompress import Plan
 from fxcompress.finetune.methods import StepInputs, make_method
-from fxcompress.finetune.planned import apply_plan
+from fxcompress.trainable import apply_plan
 from fxcompress.planner import approximation_error
 from helpers import one_thread  # noqa: F401 (a fixture)
 

@@ -21,7 +21,8 @@ from fxcompress.blocks import monitored_blocks
 from fxcompress.finetune.lacoot import BlockDistanceRegulariser, block_distances
 from fxcompress.finetune.methods import Lacoot, StepInputs
 from fxcompress.finetune.objectives import Denoising
-from fxcompress.finetune.planned import apply_plan, planned_graph
+from fxcompress.finetune.run_folder import RunFolder
+from fxcompress.trainable import apply_plan, plan_of, planned_graph
 from fxcompress.finetune.trainer import TrainConfig, train
 from fxcompress.plan import Plan
 from helpers import relative_error
@@ -175,8 +176,8 @@ def test_lacoot_on_a_dit_removes_the_chosen_layer_and_the_model_still_samples(tm
     steps = result.trajectory.steps
     assert steps[1]["chosen"] == ["dit.transformer_blocks.2"] and steps[1]["blocks_removed"] == 1
     assert steps[1]["validation"] < 0 and steps[1]["validation"] == objective.score(result.model, data.validation)
-    saved = [torch.load(tmp_path / "steps" / f"{step}.pt", weights_only=False) for step in (0, 1)]
-    assert [len(state["plan"]["decisions"]) for state in saved] == [0, 2] and saved[1]["step"] == 1
+    saved = [RunFolder(tmp_path).step_model(step) for step in (0, 1)]
+    assert [len(plan_of(step).decisions) for step in saved] == [0, 2]
     reference = copy.deepcopy(model)
     del reference.dit.transformer_blocks[2]
     compressed = fxcompress.compress(result.model, example)

@@ -1,2 +1,2 @@
-"""The training side: plans on trainable models, the built-in trainer and the methods' fine-tuning loop."""
-from .planned import apply_plan, base_of, is_planned, plan_of
+"""The training side: the built-in trainer, the methods and their fine-tuning loop (plans on trainable models are
+`fxcompress.trainable`, below the compiler's entry points)."""

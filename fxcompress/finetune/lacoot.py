@@ -28,7 +28,7 @@ from ..capture import is_planned
 from ..criteria import block_distance
 from ..errors import OptionError, PlanError, finite_number
 from ..plan import Plan
-from .planned import EvalMode, apply_plan, planned_graph, recording
+from ..trainable import EvalMode, apply_plan, planned_graph, recording
 
 CALIBRATION_SEED = 0  # the projections of `block_distances`: the same for every batch and every call
 

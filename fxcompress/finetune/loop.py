@@ -4,10 +4,9 @@
 training where asked) and repeats, until a budget is met (`activations` linearised, `macs_ratio` or
 `latency_ratio` of the compressed model against the dense one), the validation score drops more than
 `max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
-result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved:
-`checkpoint.pt` (model state, pruning masks, plan, RNG, trajectory), `kept.pt` (the last step within the
-tolerance), `trajectory.json` and, with `save_steps`, every step's plan and weights (`steps/<step>.pt`);
-`resume=True` continues an interrupted run from its last checkpoint (a step that was interrupted starts again;
+result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved in
+its run folder (`run_folder.RunFolder`: checkpoint, the kept planned model, trajectory, every step's model with
+`save_steps`); `resume=True` continues an interrupted run from its last checkpoint (a step that was interrupted starts again;
 each step seeds its own random generators, so a resumed run makes the same choices).
 
 Training and evaluation are either the caller's (`finetune(model, step)` trains the model in place;
@@ -21,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import random
 import time
@@ -43,7 +41,8 @@ from ..plan import Decision, Plan
 from . import distributed
 from . import oneshot  # noqa: F401  (registers the "oneshot" method)
 from .methods import Method, StepInputs, make_method
-from .planned import apply_plan, base_of, blending, plan_of
+from ..trainable import apply_plan, base_of, blending, plan_of
+from .run_folder import RunFolder
 from .sparsity import masks_of, plain_state_dict, set_masks, weight_sparsity
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
 
@@ -122,9 +121,6 @@ class Trajectory:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def save(self, path: Path) -> None:
-        _atomic(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=2)))
-
 
 @dataclass
 class PruneResult:
@@ -147,12 +143,6 @@ def _masked(model: torch.nn.Module, choices: list) -> torch.nn.Module:
     for choice in choices:
         set_masks(model, choice.masks or {})
     return model
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 class _BuiltIn:
@@ -250,9 +240,10 @@ def _calibration(data, count: int, batch_size: int, objective=None) -> tuple[lis
 
 class _Loop:
     def __init__(self, model, example_inputs, config: LoopConfig, method: Method, runner, calibration: list,
-                 validation_batch, out: Path | None, progress: bool):
+                 validation_batch, folder: RunFolder | None, progress: bool):
         self.example_inputs, self.config, self.method, self.runner = example_inputs, config, method, runner
-        self.out, self.calibration, self.validation_batch, self.progress = out, calibration, validation_batch, progress
+        self.folder, self.calibration, self.progress = folder, calibration, progress
+        self.validation_batch = validation_batch
         self.model = apply_plan(model, Plan(), example_inputs)
         self.template = copy.deepcopy(base_of(self.model))  # unpruned: checkpoints load into copies of it
         self.trajectory = Trajectory(asdict(config))
@@ -260,30 +251,24 @@ class _Loop:
         self.kept_model = None
         self.dense_report = None
 
-    def _checkpoint(self, path: Path) -> dict | None:
-        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
-
     def save(self, within: bool) -> None:
-        if self.out is None or not distributed.is_main():
+        if self.folder is None or not distributed.is_main():
             return
         base = base_of(self.model)
-        state = {"plan": plan_of(self.model).to_dict(), "state_dict": plain_state_dict(base), "masks": masks_of(base),
-                 "trajectory": self.trajectory.to_dict(), "dense_state_dict": self.dense.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-        _atomic(self.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
-        step = {key: state[key] for key in ("plan", "state_dict", "masks")}
-        step["step"] = self.trajectory.steps[-1]["step"]
+        self.folder.save_checkpoint({
+            "plan": plan_of(self.model).to_dict(), "state_dict": plain_state_dict(base), "masks": masks_of(base),
+            "trajectory": self.trajectory.to_dict(), "dense_state_dict": self.dense.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
         if within:
-            _atomic(self.out / "kept.pt", lambda tmp: torch.save(step, tmp))
+            self.folder.save_model(self.model)
         if self.config.save_steps:
-            (self.out / "steps").mkdir(exist_ok=True)
-            _atomic(self.out / "steps" / f"{step['step']}.pt", lambda tmp: torch.save(step, tmp))
-        self.trajectory.save(self.out / "trajectory.json")
+            self.folder.save_model(self.model, self.trajectory.steps[-1]["step"])
+        self.folder.save_trajectory(self.trajectory.to_dict())
 
     def resume(self, training: dict) -> None:
-        """Continue from the checkpoint in `out`, if there is one. Settings that differ from the run's own are
+        """Continue from the folder's checkpoint, if there is one. Settings that differ from the run's own are
         refused (all but `RESUMABLE`: a run may be extended, and shown differently), so its record stays true."""
-        state = self._checkpoint(self.out / "checkpoint.pt")
+        state = self.folder.checkpoint()
         if state is None:
             return
         saved = state["trajectory"]
@@ -291,7 +276,7 @@ class _Loop:
                    for part, given in (("settings", asdict(self.config)), ("training", training))
                    for name, value in given.items() if name not in RESUMABLE and saved[part].get(name) != value]
         if changed:
-            raise OptionError(f"{self.out} holds a run with other settings ({'; '.join(changed)}): resume it with "
+            raise OptionError(f"{self.folder.path} holds a run with other settings ({'; '.join(changed)}): resume it with "
                               "its own, or start a new run in another folder (or over it with force)")
         self.dense = copy.deepcopy(self.template)
         self.dense.load_state_dict(state["dense_state_dict"])
@@ -391,7 +376,8 @@ class _Loop:
         if distributed.is_main():
             inputs = StepInputs(self.example_inputs, self.calibration, self.validation_batch,
                                 random.Random(self.config.seed * 1000 + step), self.progress, self.config.lowering,
-                                self.runner.device, self.config.latency_threads, self.runner.probe, self.out,
+                                self.runner.device, self.config.latency_threads, self.runner.probe,
+                                None if self.folder is None else self.folder.path,
                                 self.config.latency_ratio)
             choices = self.method.choose(self.model.eval(), inputs, self.config.per_step)
         return distributed.broadcast_object(choices)
@@ -456,8 +442,8 @@ class _Loop:
         kept = self.trajectory.kept
         if self.trajectory.steps[-1]["step"] == kept:
             model = self.model
-        elif self.out is not None and (state := self._checkpoint(self.out / "kept.pt")) is not None:
-            model = self._load(state)
+        elif self.folder is not None and (kept_model := self.folder.kept_model()) is not None:
+            model = kept_model.to(next(self.model.parameters()).device)
         else:
             model = self.kept_model
         return PruneResult(model.eval(), plan_of(model), self.trajectory)
@@ -523,8 +509,8 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     model, example_inputs, calibration, validation_batch = _on_device(
         device, model, example_inputs, calibration, validation_batch)
-    out = _prepare_folder(out, resume)
-    loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, out, progress)
+    folder = _prepare_folder(out, resume)
+    loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, folder, progress)
     training = {} if data is None else train_config.to_dict()
     if objective is not None:
         training["objective"] = objective.describe()
@@ -543,14 +529,14 @@ def _on_device(device: str, model: torch.nn.Module, *batches):
             *(pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch) for batch in batches))
 
 
-def _prepare_folder(out, resume: bool) -> Path | None:
+def _prepare_folder(out, resume: bool) -> RunFolder | None:
     if out is None:
         if resume:
             raise OptionError("resume needs the folder of the run (out=)")
         return None
-    out = Path(out)
-    if not resume and (out / "checkpoint.pt").exists():
+    folder = RunFolder(out)
+    if not resume and folder.holds_run():
         raise OptionError(f"{out} already holds a run; resume it or choose another folder")
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+        folder.path.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -60,7 +60,7 @@ from ..planner import approximation_error, layer_error, off_decision, regions_re
 from ..pipeline import compress_graph
 from ..blocks import monitored_blocks
 from .lacoot import BlockDistanceRegulariser, measured_distances, planned_model, positive_integer
-from .planned import apply_plan, planned_graph
+from ..trainable import apply_plan, planned_graph
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
                        layer_magnitude_masks, layer_modules)
 

@@ -40,7 +40,7 @@ from ..selection.importance import criterion_costs, random_costs
 from ..selection.latency import LatencyTable, lowered_timer
 from ..selection.table import CandidateTable, candidate_table
 from .methods import Choice, Method, MethodOption, StepInputs, register_method
-from .planned import apply_plan, base_of, plan_of, planned_graph
+from ..trainable import apply_plan, base_of, plan_of, planned_graph
 
 IMPORTANCES = ("probe", "criterion", "random")
 MEASURED_ROUNDS = 4

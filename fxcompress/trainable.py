@@ -37,16 +37,18 @@ from torch import fx
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from ..blocks import ChannelGroup, channel_group, residual_block
-from ..capture import capture, check_inputs, is_planned, private_copy
-from ..config import CompressConfig
-from ..errors import PlanError
-from ..graph import annotate_names, annotate_shapes, channel_axis, module_of, names_of_kind, stable_name
-from ..ops import _TABLE, bind
-from ..pipeline import check_plan, compress_graph
-from ..plan import Plan
-from ..verify import fresh, full_precision, output_tensors, relative_error, sample_inputs
+from .blocks import ChannelGroup, channel_group, residual_block
+from .capture import capture, check_inputs, is_planned, private_copy
+from .config import CompressConfig
+from .errors import PlanError
+from .graph import annotate_names, annotate_shapes, channel_axis, module_of, names_of_kind, stable_name
+from .ops import bind, python_ops, spec_of
+from .pipeline import check_plan, compress_graph
+from . import meta
+from .plan import Plan
+from .verify import fresh, full_precision, output_tensors, relative_error, sample_inputs
 
+_EDITS, _EXAMPLE = "_fxcompress_edits", "_fxcompress_example"  # beside meta.PLAN in a planned model's __dict__
 TOLERANCE = 1e-4  # relative: the planned copy against the graph with the plan applied, in float32
 
 _KINDS = ("activation", "add", "conv", "linear")
@@ -54,8 +56,7 @@ _METHODS = {torch.Tensor.relu: ("activation", "relu"), torch.Tensor.relu_: ("act
             torch.Tensor.__add__: ("add", "add"), torch.Tensor.__radd__: ("add", "add"),
             torch.Tensor.__iadd__: ("add", "add"), torch.Tensor.add: ("add", "add"),
             torch.Tensor.add_: ("add", "add")}
-_RUNTIME_OPS = {**{func: (spec.kind, spec.name) for func, spec in _TABLE.items()
-                   if spec.kind in _KINDS and not isinstance(func, torch._ops.OpOverload)}, **_METHODS}
+_RUNTIME_OPS = {**{func: (spec.kind, spec.name) for func, spec in python_ops(_KINDS).items()}, **_METHODS}
 _IN_PLACE = (torch.relu_, torch.Tensor.relu_)
 
 
@@ -166,7 +167,7 @@ class _CallSites(TorchFunctionMode):
 
 
 def _edited_call(func, args, kwargs, edit: SiteEdit):
-    params = _TABLE[func].params if func in _TABLE else ("input",)
+    params = spec.params if (spec := spec_of(func)) is not None else ("input",)
     in_place = _in_place(func, args, kwargs, params)
     if edit.shortcut is not None:
         return args[edit.shortcut].clone()
@@ -183,7 +184,7 @@ def _edited_call(func, args, kwargs, edit: SiteEdit):
 def _blended_call(func, args, kwargs, edit: SiteEdit, weight: float):
     """weight * the edited call + (1 - weight) * the original call, the edited one on a copy of an in-place op's
     input (the original writes into it)."""
-    params = _TABLE[func].params if func in _TABLE else ("input",)
+    params = spec.params if (spec := spec_of(func)) is not None else ("input",)
     edited_args = (args[0].clone(), *args[1:]) if _in_place(func, args, kwargs, params) else args
     edited = _edited_call(func, edited_args, kwargs, edit)
     return weight * edited + (1 - weight) * func(*args, **kwargs)
@@ -191,7 +192,7 @@ def _blended_call(func, args, kwargs, edit: SiteEdit, weight: float):
 
 def _planned_forward(base: type):
     def forward(self, *args, **kwargs):
-        with _CallSites(self, self._fxcompress_edits) as sites:
+        with _CallSites(self, self.__dict__[_EDITS]) as sites:
             output = base.forward(self, *args, **kwargs)
         sites.check_watched()
         return output
@@ -204,13 +205,14 @@ _PLANNED_CLASSES: dict[type, type] = {}
 def _planned_class(base: type) -> type:
     if base not in _PLANNED_CLASSES:
         _PLANNED_CLASSES[base] = type(f"Planned{base.__name__}", (base,),
-                                      {"forward": _planned_forward(base), "__module__": base.__module__})
+                                      {"forward": _planned_forward(base), "__reduce__": _reduce_planned,
+                                       "__deepcopy__": _deepcopy_planned, "__module__": base.__module__})
     return _PLANNED_CLASSES[base]
 
 
 def plan_of(model: torch.nn.Module) -> Plan:
     """The plan a model made by `apply_plan` carries; an empty plan for any other model."""
-    return model.__dict__.get("_fxcompress_plan", Plan())
+    return model.__dict__.get(meta.PLAN, Plan())
 
 
 def base_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -218,10 +220,10 @@ def base_of(model: torch.nn.Module) -> torch.nn.Module:
     other model itself."""
     if not is_planned(model):
         return model
-    base = copy.copy(model)
-    base.__class__ = type(model).__mro__[1]
-    for attribute in ("_fxcompress_plan", "_fxcompress_edits"):
-        del base.__dict__[attribute]
+    cls = type(model).__mro__[1]
+    base = cls.__new__(cls)
+    base.__dict__.update({key: value for key, value in model.__dict__.items()
+                          if key not in (meta.PLAN, _EDITS, _EXAMPLE)})
     return base
 
 
@@ -279,7 +281,7 @@ def recording(model: torch.nn.Module, names) -> Iterator[list]:
     the end of a forward that did not call every named add."""
     if not is_planned(model):
         raise PlanError("recording needs a planned model (made by apply_plan)")
-    edits = model._fxcompress_edits
+    edits = model.__dict__[_EDITS]
     names = frozenset(names)
     unknown = sorted(names - edits.shortcuts.keys())
     if unknown:
@@ -305,8 +307,8 @@ def blending(model: torch.nn.Module, since: torch.nn.Module) -> Iterator[Callabl
     (weight 1: exactly the plan), so annealing from 0 to 1 ends at the planned model, which merges exactly."""
     if not is_planned(model):
         raise PlanError("blending needs a planned model (made by apply_plan)")
-    edits = model._fxcompress_edits
-    before = since._fxcompress_edits.sites if is_planned(since) else {}
+    edits = model.__dict__[_EDITS]
+    before = since.__dict__[_EDITS].sites if is_planned(since) else {}
     edits.blended = frozenset(name for name, edit in edits.sites.items() if before.get(name) != edit)
 
     def set_weight(weight: float) -> None:
@@ -367,10 +369,32 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs) 
     edits = _edits(gm, full)
     planned = private_copy(base_of(model))
     planned.__class__ = _planned_class(type(planned))
-    planned.__dict__["_fxcompress_plan"] = full
-    planned.__dict__["_fxcompress_edits"] = edits
+    planned.__dict__[meta.PLAN] = full
+    planned.__dict__[_EDITS] = edits
+    planned.__dict__[_EXAMPLE] = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t
+                                       for t in example_inputs)
     _verify(planned, gm, example_inputs)
     return planned
+
+
+def _reduce_planned(model: torch.nn.Module):
+    """Pickle a planned model as its base model (its class must be importable where it is loaded), its plan and
+    its example inputs: loading applies the plan again (`apply_plan`), checked as on the first application."""
+    return _restore_planned, (private_copy(base_of(model)), plan_of(model).to_dict(), model.__dict__[_EXAMPLE])
+
+
+def _deepcopy_planned(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """A deep copy as of any module (pickling, through `_reduce_planned`, would apply the plan again)."""
+    copied = type(model).__new__(type(model))
+    memo[id(model)] = copied
+    copied.__dict__.update(copy.deepcopy(model.__dict__, memo))
+    return copied
+
+
+def _restore_planned(base: torch.nn.Module, plan: dict, example_inputs: tuple) -> torch.nn.Module:
+    training = base.training
+    planned = apply_plan(base.eval(), Plan.from_dict(plan), example_inputs)
+    return planned.train(training)
 
 
 def _visible(graph_sites: list[str], seen: list[str], edited) -> list[str]:
@@ -391,12 +415,12 @@ def _verify(planned: torch.nn.Module, gm: fx.GraphModule, example_inputs: tuple)
     actual = []
     with EvalMode(planned), torch.no_grad():
         for sample in samples:
-            sites = _CallSites(planned, planned._fxcompress_edits)
+            sites = _CallSites(planned, planned.__dict__[_EDITS])
             with sites:
                 actual.append(output_tensors(type(planned).__mro__[1].forward(planned, *fresh(sample))))
             seen = sorted(sites.seen)
-    graph_sites = _visible(sorted(names_of_kind(gm, *planned._fxcompress_edits.kinds)), seen,
-                           planned._fxcompress_edits.sites)
+    graph_sites = _visible(sorted(names_of_kind(gm, *planned.__dict__[_EDITS].kinds)), seen,
+                           planned.__dict__[_EDITS].sites)
     if seen != graph_sites:
         missing = sorted(set(graph_sites) - set(seen))[:3]
         raise PlanError(f"cannot apply the plan at call time: this model's calls do not match its graph's op names "
