@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .api import activation_names, compress
 from .backends import LOWERINGS, lower_module
@@ -42,10 +44,33 @@ def _plan(args, model, example) -> Plan:
     return Plan()
 
 
+def _batch_dim(args) -> bool | None:
+    """--dynamic-batch: dynamic or an error; --static-batch: the example's; neither: dynamic where the model allows
+    (as `compress`)."""
+    return True if getattr(args, "dynamic_batch", False) else False if getattr(args, "static_batch", False) else None
+
+
 def _compress(args, model, example):
-    dynamic_batch = True if getattr(args, "dynamic_batch", False) else None  # the flag: dynamic or an error
     return compress(model, example, plan=_plan(args, model, example), force=args.force,
-                    allow_approximate=args.allow_approximate, dynamic_batch=dynamic_batch)
+                    allow_approximate=args.allow_approximate, dynamic_batch=_batch_dim(args))
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("fxcompress")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _names(given: str | None, prefix: str, count: int) -> list[str]:
+    """The names of an artifact's inputs or outputs: given (comma-separated), else `prefix` (`prefix_i` for
+    several)."""
+    if given:
+        names = given.split(",")
+        if len(names) != count:
+            raise OptionError(f"--{prefix}-names: {len(names)} name(s) given for {count} {prefix}(s)")
+        return names
+    return [prefix] if count == 1 else [f"{prefix}_{index}" for index in range(count)]
 
 
 def _latency_summary(timing: dict) -> dict:
@@ -124,35 +149,49 @@ def _in_precision(module, example, precision: str) -> tuple:
     return module, example
 
 
-def write_artifact(module, example, backend: str, out: Path, precision: str, dynamic_batch: bool = False) -> Path:
-    """The deployment artifact in `precision`: weights and floating-point inputs cast (TensorRT: the engine's)."""
-    if backend != "tensorrt":
+def write_artifact(module, example, lowering: str, out: Path, precision: str, dynamic_batch: bool, plan: Plan,
+                   args) -> Path:
+    """The deployment artifact of `lowering` in `precision` (weights and floating-point inputs cast; TensorRT: the
+    engine's), with a symbolic batch axis where asked; the plan and the package version go into its metadata
+    (ONNX metadata properties; `fxcompress.json` among a .pt2's extra files), ONNX with its opset and names."""
+    if lowering != "tensorrt":
         module, example = _in_precision(module, example, precision)
-    if backend == "onnxruntime":
-        return export_onnx(module, example, out / "model.onnx", dynamic_batch)
-    if backend == "tensorrt":
+    metadata = {"fxcompress_version": _package_version(), "fxcompress_plan": plan.to_json()}
+    if lowering == "onnxruntime":
+        with torch.no_grad():
+            outputs = len([t for t in pytree.tree_leaves(module(*example)) if isinstance(t, torch.Tensor)])
+        return export_onnx(module, example, out / "model.onnx", dynamic_batch, opset=args.opset, metadata=metadata,
+                           input_names=_names(args.input_names, "input", len(example)),
+                           output_names=_names(args.output_names, "output", outputs))
+    if lowering == "tensorrt":
         path = out / "model_trt.ep"
         save_engine(lower_module(module, example, "tensorrt", precision=precision), example, path)
         return path
     path = out / "model.pt2"
-    torch.export.save(export_program(private_copy(module), example, dynamic_batch), path)
+    torch.export.save(export_program(private_copy(module), example, dynamic_batch), path,
+                      extra_files={"fxcompress.json": json.dumps(metadata)})
     return path
 
 
-def compress_command(args) -> int:
-    if args.backend == "onnxruntime" and args.precision == "bf16":
-        raise OptionError("--precision bf16 is not supported with --backend onnxruntime (ONNX Runtime has no "
+def _check_artifact_options(args) -> None:
+    if args.lowering == "onnxruntime" and args.precision == "bf16":
+        raise OptionError("--precision bf16 is not supported with --lowering onnxruntime (ONNX Runtime has no "
                           "bfloat16 convolutions); use fp16 or fp32")
-    _check_output_folder("--out", Path(args.out))
-    if args.dynamic_batch and args.backend == "tensorrt":
-        raise OptionError("--dynamic-batch is not supported with --backend tensorrt (its engine takes the "
+    if args.dynamic_batch and args.lowering == "tensorrt":
+        raise OptionError("--dynamic-batch is not supported with --lowering tensorrt (its engine takes the "
                           "example's shape); use eager, inductor or onnxruntime")
+
+
+def compress_command(args) -> int:
+    _check_artifact_options(args)
+    _check_output_folder("--out", Path(args.out))
     model = load_model(args.model)
     example = _example(args)
     result = _compress(args, model, example)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    artifact = write_artifact(result.module, example, args.backend, out, args.precision, args.dynamic_batch)
+    dynamic = result.dynamic_batch and args.lowering != "tensorrt"
+    artifact = write_artifact(result.module, example, args.lowering, out, args.precision, dynamic, result.plan, args)
     result.plan.save(out / "plan.json")
     result.report.save(out / "report.json")
     print(result.report)
@@ -175,7 +214,7 @@ def bench_command(args) -> int:
             models["exact"] = compress(model, example, force=args.force, allow_approximate=args.allow_approximate,
                                        dynamic_batch=result.dynamic_batch).module
         for precision in args.precisions:
-            for lowering in args.backends:
+            for lowering in args.lowering:
                 timing = measure(models, example, lowering=lowering, repeats=args.repeats, device=args.device,
                                  precision=precision)
                 rows.append({"model": args.model, **_latency_summary(timing),
@@ -190,6 +229,7 @@ def bench_command(args) -> int:
 
 
 ARTIFACTS = ("model.pt2", "model.onnx", "model_trt.ep")
+DEFAULT_LOWERING = "onnxruntime"  # of every command: the artifact, the timing, the loop's latency
 
 
 def _prepare_run_folder(args) -> None:
@@ -235,7 +275,8 @@ def prune_command(args) -> int:
     train_config = TrainConfig(optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                                label_smoothing=args.label_smoothing, distill=args.distill,
                                temperature=args.temperature, batch_size=args.batch_size,
-                               max_batches=args.max_batches, progress=distributed.is_main())
+                               max_batches=args.max_batches, workers=args.workers,
+                               progress=distributed.is_main() and not args.quiet)
     if args.data == "fashion-mnist":
         data = fashion_mnist_splits(args.size, validation=args.validation_samples, train_samples=args.train_samples,
                                     test_samples=args.test_samples, seed=args.seed, flip=True)
@@ -246,15 +287,17 @@ def prune_command(args) -> int:
         data = load_task(args.data)
         model, example, objective = load_model(args.model), tuple(data.example), getattr(data, "objective", None)
     result = prune(model, example, method=args.method, data=data, objective=objective, train_config=train_config,
-                   out=out, resume=args.resume, device=str(distributed.device_for_rank()), steps=args.steps,
+                   out=out, resume=args.resume, device=args.device, steps=args.steps, progress=not args.quiet,
+                   save_steps=args.save_steps,
                    per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
                    latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
                    selection=args.selection, method_options=method_options(args), only=args.only, seed=args.seed,
                    anneal=args.anneal, latency_threads=args.latency_threads)
     if distributed.is_main():
-        compressed = compress(result.model, example)
-        artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32")
+        compressed = compress(result.model, example, dynamic_batch=_batch_dim(args))
+        artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32",
+                                  compressed.dynamic_batch and args.lowering != "tensorrt", compressed.plan, args)
         RunFolder(out).save_plan(result.plan)
         kept = result.trajectory.steps[result.trajectory.kept]
         print(f"stopped: {result.trajectory.stopped}; kept step {kept['step']}: "
@@ -370,7 +413,7 @@ def _lowerings(text: str) -> list[str]:
     names = text.split(",")
     unknown = [name for name in names if name not in LOWERINGS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; valid: {', '.join(LOWERINGS)}")
+        raise argparse.ArgumentTypeError(f"unknown lowering {unknown[0]!r}; valid: {', '.join(LOWERINGS)}")
     return names
 
 
@@ -387,6 +430,17 @@ def _option_type(option):
         f"{what} >= {low:g}" if low > float("-inf") else what
     return lambda text: _checked(text, option.type, lambda value: low <= value <= high, expected)
 
+
+
+def _artifact_arguments(parser) -> None:
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--dynamic-batch", action="store_true",
+                       help="require a symbolic batch dimension (an error where the model fixes it); by default the "
+                            "artifact takes any batch size where the model allows it")
+    batch.add_argument("--static-batch", action="store_true", help="fix the artifact to the example's batch size")
+    parser.add_argument("--opset", type=_positive_int, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--input-names", help="ONNX input names, comma-separated (default: input, or input_i)")
+    parser.add_argument("--output-names", help="ONNX output names, comma-separated (default: output, or output_i)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,23 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = command("demo", demo, "compress a model with the exact passes and time it (default)",
                           "pretrained_mobilenet_v2")
     demo_parser.add_argument("--batch", type=_positive_int, default=1)
-    demo_parser.add_argument("--lowering", choices=list(LOWERINGS), default="eager")
+    demo_parser.add_argument("--lowering", choices=list(LOWERINGS), default=DEFAULT_LOWERING)
     demo_parser.add_argument("--repeats", type=_positive_int, default=20)
     demo_parser.add_argument("--report", help="also write the report as JSON to this path")
 
     compress_parser = command("compress", compress_command, "compress a model and write artifact, plan, report",
                               None)
     compress_parser.add_argument("--batch", type=_positive_int, default=1)
-    compress_parser.add_argument("--backend", choices=list(LOWERINGS), default="eager",
-                                 help="artifact: .pt2 (eager, inductor), .onnx (onnxruntime), TensorRT")
+    compress_parser.add_argument("--lowering", choices=list(LOWERINGS), default=DEFAULT_LOWERING,
+                                 help="the artifact: .onnx (onnxruntime), .pt2 (eager, inductor), TensorRT")
     compress_parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                                  help="artifact precision: weights and inputs cast (bf16 not with onnxruntime)")
     compress_parser.add_argument("--out", default="fxcompress-out", help="output folder")
-    compress_parser.add_argument("--dynamic-batch", action="store_true",
-                                 help="capture the batch dimension as symbolic: the artifact takes any batch size")
+    _artifact_arguments(compress_parser)
 
     bench_parser = command("bench", bench_command, "time original vs compressed", None)
-    bench_parser.add_argument("--backends", type=_lowerings, default=["eager"], help="comma-separated lowerings")
+    bench_parser.add_argument("--lowering", type=_lowerings, default=[DEFAULT_LOWERING],
+                              help=f"comma-separated, of {', '.join(LOWERINGS)}")
     bench_parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated")
     bench_parser.add_argument("--repeats", type=_positive_int, default=20)
     bench_parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
@@ -466,7 +520,15 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--macs-ratio", type=_fraction, help="budget: compressed / dense MACs")
     sub.add_argument("--latency-ratio", type=_fraction, help="budget: compressed / dense latency on --lowering")
     sub.add_argument("--latency", action="store_true", help="measure the latency ratio at every step")
-    sub.add_argument("--lowering", choices=["onnxruntime", "inductor", "eager"], default="onnxruntime")
+    sub.add_argument("--lowering", choices=["onnxruntime", "inductor", "eager", "cudagraphs",
+                                            "inductor-reduce-overhead"], default=DEFAULT_LOWERING,
+                     help="where latency is measured (on --device), and the artifact written at the end")
+    sub.add_argument("--device", type=_device,
+                     help="cpu, cuda or cuda:N (default: the GPU of this rank where CUDA is available, else cpu)")
+    sub.add_argument("--save-steps", action="store_true", help="keep every step's model (steps/<step>.pt)")
+    sub.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
+    sub.add_argument("--quiet", action="store_true", help="no step lines and no progress bars")
+    _artifact_arguments(sub)
     sub.add_argument("--latency-threads", type=_positive_int, help="CPU threads latency is measured on "
                      "(default: those training runs on)")
     sub.add_argument("--anneal", type=_checked_anneal, default=0.0,

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .backends import GPU_LOWERINGS, LOWERINGS, lower_module
 from .backends.precision import PRECISIONS
-from .capture import private_copy
+from .capture import mark_inference, private_copy
 from .errors import OptionError, valid_choice
 
 
@@ -134,7 +134,7 @@ def _check_inputs(example_inputs) -> tuple:
 def _check_model(name: str, model) -> torch.nn.Module:
     """The module to run; refused where running it would write to it (a BatchNorm in training mode)."""
     if isinstance(model, torch.export.ExportedProgram):
-        return model.module()  # a graph whose mode was fixed when it was captured
+        return mark_inference(model.module())  # a graph whose mode was fixed when it was captured
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"model {name!r} is a {type(model).__name__}, not a torch.nn.Module or ExportedProgram")
     live = [(path, module) for path, module in model.named_modules()

@@ -243,8 +243,8 @@ def _check_budget(criterion, activations, macs_ratio, max_drop, evaluator) -> No
     if len(given) > 1:
         raise OptionError(f"give at most one budget, got {', '.join(given)}")
     if not given and criterion != "bn":
-        raise OptionError(f"criterion {criterion!r} needs a budget: activations=, macs_ratio= or max_drop= "
-                          "with evaluator=")
+        raise OptionError(f"criterion {criterion!r} needs a budget: activations, macs_ratio or max_drop with an "
+                          "evaluator, as keywords of find_plan or in compress(..., planner={'activations': N})")
     if activations is not None and (not isinstance(activations, int) or activations < 0):
         raise OptionError(f"budget 'activations' must be an int >= 0, got {activations!r}")
     if macs_ratio is not None and not 0 < finite_number("budget 'macs_ratio'", macs_ratio) <= 1:

@@ -73,7 +73,7 @@ def small_net():
 def test_precision_casts_the_saved_program(folder, capsys, backend, precision):
     # Regression: --precision was read only for TensorRT; the .pt2 stayed float32 with exit code 0.
     name = write_module(folder, f"precision_{backend}_{precision}", SMALL_NET)
-    code, err = run(["compress", f"{name}:net", "--size", "8", "--backend", backend, "--precision", precision,
+    code, err = run(["compress", f"{name}:net", "--size", "8", "--lowering", backend, "--precision", precision,
                      "--out", "out"], capsys)
     assert code == 0, err
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -90,14 +90,14 @@ def test_precision_casts_the_saved_program(folder, capsys, backend, precision):
 @pytest.mark.slow
 def test_precision_fp16_onnx_and_bf16_onnx_refused(folder, capsys):
     name = write_module(folder, "precision_onnx", SMALL_NET)
-    code, err = run(["compress", f"{name}:net", "--size", "8", "--backend", "onnxruntime", "--precision", "fp16",
+    code, err = run(["compress", f"{name}:net", "--size", "8", "--lowering", "onnxruntime", "--precision", "fp16",
                      "--out", "out"], capsys)
     assert code == 0, err
     graph = onnx.load(str(folder / "out" / "model.onnx")).graph
     kinds = {init.data_type for init in graph.initializer}
     assert onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds
-    assert_clean_failure(["compress", f"{name}:net", "--size", "8", "--backend", "onnxruntime", "--precision",
-                          "bf16", "--out", "out2"], capsys, "--precision bf16 is not supported with --backend "
+    assert_clean_failure(["compress", f"{name}:net", "--size", "8", "--lowering", "onnxruntime", "--precision",
+                          "bf16", "--out", "out2"], capsys, "--precision bf16 is not supported with --lowering "
                                                            "onnxruntime")
     assert not (folder / "out2").exists()
 

@@ -107,7 +107,7 @@ def test_onnx_export_of_a_static_compressed_model_warns_no_training_mode(tmp_pat
 @pytest.mark.parametrize("backend, artifact", [("eager", "model.pt2"), ("onnxruntime", "model.onnx")])
 def test_cli_compress_with_dynamic_batch_writes_artifacts_for_any_batch(tmp_path, backend, artifact):
     torch.manual_seed(0)  # the command builds a randomly initialised model: seeded, the reference rebuilds it
-    assert main(["compress", "resnet18", "--size", "32", "--dynamic-batch", "--backend", backend,
+    assert main(["compress", "resnet18", "--size", "32", "--dynamic-batch", "--lowering", backend,
                  "--out", str(tmp_path)]) == 0
     path = tmp_path / artifact
     runner = torch.export.load(path).module() if backend == "eager" else \
@@ -117,6 +117,6 @@ def test_cli_compress_with_dynamic_batch_writes_artifacts_for_any_batch(tmp_path
 
 
 def test_cli_refuses_dynamic_batch_for_a_tensorrt_engine(tmp_path, capsys):
-    assert main(["compress", "resnet18", "--size", "32", "--dynamic-batch", "--backend", "tensorrt",
+    assert main(["compress", "resnet18", "--size", "32", "--dynamic-batch", "--lowering", "tensorrt",
                  "--out", str(tmp_path)]) == 2
-    assert "--dynamic-batch is not supported with --backend tensorrt" in capsys.readouterr().err
+    assert "--dynamic-batch is not supported with --lowering tensorrt" in capsys.readouterr().err

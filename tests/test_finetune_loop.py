@@ -144,10 +144,13 @@ def _steps_done(out):
 
 @pytest.mark.slow
 def test_the_prune_command_writes_its_outputs(tmp_path):
-    completed = _run(_prune_command(tmp_path / "run", "--steps", "1", "--max-batches", "2"))
+    completed = _run(_prune_command(tmp_path / "run", "--steps", "1", "--max-batches", "2", "--device", "cpu",
+                                    "--save-steps", "--workers", "1", "--quiet", "--static-batch"))
     assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "step 0:" not in completed.stdout and "%|" not in completed.stderr  # --quiet: no step lines, no bars
     out = tmp_path / "run"
-    for name in ("trajectory.json", "plan.json", "kept.pt", "model.pt2", "checkpoint.pt"):
+    assert json.loads((out / "trajectory.json").read_text())["training"]["workers"] == 1
+    for name in ("trajectory.json", "plan.json", "kept.pt", "model.pt2", "checkpoint.pt", "steps/0.pt", "steps/1.pt"):
         assert (out / name).is_file(), name
     folder = RunFolder(out)
     planned = folder.kept_model()

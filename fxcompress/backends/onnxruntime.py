@@ -23,15 +23,24 @@ def _require():
     return onnx, onnxruntime
 
 
-def export_onnx(model, example_inputs, path: str | Path, dynamic_batch: bool = False) -> Path:
+def export_onnx(model, example_inputs, path: str | Path, dynamic_batch: bool = False, *, opset: int | None = None,
+                input_names: list[str] | None = None, output_names: list[str] | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
     """Write a private copy of `model` as a self-contained .onnx file (weights inside), with a symbolic batch
-    axis if asked, and check it. The exporter traces with torch.export: it holds the same lock."""
+    axis if asked, the given opset, input and output names and metadata (string properties), and check it. The
+    exporter traces with torch.export: it holds the same lock."""
     onnx, _ = _require()
     path = Path(path)
     example_inputs, dynamic_shapes = export_arguments(example_inputs, dynamic_batch)
     with EXPORT_LOCK:
         torch.onnx.export(private_copy(model), example_inputs, str(path), dynamo=True, external_data=False,
-                          dynamic_shapes=dynamic_shapes, verbose=False)
+                          dynamic_shapes=dynamic_shapes, opset_version=opset, input_names=input_names,
+                          output_names=output_names, verbose=False)
+    if metadata:
+        exported = onnx.load(str(path))
+        for key, value in metadata.items():
+            exported.metadata_props.add(key=key, value=value)
+        onnx.save(exported, str(path))
     onnx.checker.check_model(str(path))
     return path
 

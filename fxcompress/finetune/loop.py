@@ -466,7 +466,7 @@ def loop_config(method: "str | Method", options: dict) -> LoopConfig:
 def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "easier", data=None,
           train_config: TrainConfig | None = None, finetune: Callable | None = None,
           evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
-          objective=None, out: str | Path | None = None, resume: bool = False, device: str = "cpu",
+          objective=None, out: str | Path | None = None, resume: bool = False, device: str | None = None,
           progress: bool = True, **options) -> PruneResult:
     """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
     "dsd2", "oneshot", "random", "control", or a method object such as `Tlc(rank="loss")`) by the fine-tuning loop
@@ -479,11 +479,13 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
     `objective` (`objectives.Denoising`: a diffusion model's denoiser) replaces classification: its loss trains,
     its score validates and tests, and calibration batches are its model inputs. `progress` prints a line per
     step and shows calibration bars (the trainer's bars follow `train_config.progress`). A copy of the model, the
-    example inputs and the calibration batches go to `device` ("cpu", "cuda", "cuda:N"): the loop trains, scores,
+    example inputs and the calibration batches go to `device` ("cpu", "cuda", "cuda:N"; by default this rank's GPU
+    where CUDA is available, else the CPU, as the command line does): the loop trains, scores,
     captures and measures latency there; its checkpoints load on a machine without that device. The caller's model
     is not modified."""
     config = loop_config(method, options)
     method = config.method
+    device = str(distributed.device_for_rank()) if device is None else device
     if (data is None) == (finetune is None or evaluate is None):
         raise OptionError("give either data= (for the built-in trainer) or finetune= and evaluate= callables")
     if objective is not None and data is None:
