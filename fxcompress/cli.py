@@ -4,6 +4,7 @@
   fxcompress compress   compress a model and write the artifact (.pt2, .onnx or TensorRT), plan and report
   fxcompress bench      time original vs compressed on chosen lowerings and batch sizes
   fxcompress prune      make a model shallower by a method's fine-tuning loop on a data set
+  fxcompress plot       draw a run's trajectory
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .backends.onnxruntime import export_onnx
 from .backends.precision import PRECISIONS, cast
 from .backends.tensorrt import save_engine
 from .capture import export_program, private_copy
-from .errors import FxCompressError, OptionError
+from .errors import FxCompressError, MissingDependencyError, OptionError
 from .measure import measure, speedup
 from .models import call_reference, load_model
 from .plan import Plan
@@ -288,6 +289,7 @@ def prune_command(args) -> int:
         model, example, objective = load_model(args.model), tuple(data.example), getattr(data, "objective", None)
     result = prune(model, example, method=args.method, data=data, objective=objective, train_config=train_config,
                    out=out, resume=args.resume, device=args.device, steps=args.steps, progress=not args.quiet,
+                   hooks=_log_hooks(args.log, out),
                    save_steps=args.save_steps,
                    per_step=args.per_step, epochs_per_step=args.epochs_per_step, dense_epochs=args.dense_epochs,
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
@@ -308,6 +310,54 @@ def prune_command(args) -> int:
         print(f"wrote {out / 'trajectory.json'}, {out / 'plan.json'}, {artifact} and {out / 'kept.pt'} (the kept "
               "model, planned and trainable: torch.load(path, weights_only=False))")
     distributed.shutdown()
+    return 0
+
+
+LOGS = ("csv", "tensorboard")
+
+
+def _log_hooks(logs: list[str], out: Path) -> list:
+    """The loop's hooks of `--log`: log.csv and tensorboard/ in the run folder."""
+    from .finetune.hooks import CsvLog, TensorBoardLog
+    return [CsvLog(out / "log.csv") if log == "csv" else TensorBoardLog(out / "tensorboard") for log in logs]
+
+
+def plot_command(args) -> int:
+    """Draw a run's trajectory: validation and test per step, latency and MACs ratios, training loss per epoch."""
+    from .finetune.run_folder import RunFolder
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise MissingDependencyError("fxcompress plot needs matplotlib: pip install 'fxcompress[bench]'") from error
+    folder = RunFolder(args.run)
+    trajectory = folder.trajectory()
+    if trajectory is None:
+        raise OptionError(f"{folder.path} holds no trajectory.json: not a run folder")
+    steps = trajectory["steps"]
+    figure, (scores, costs, losses) = plt.subplots(1, 3, figsize=(14, 4))
+    numbers = [step["step"] for step in steps]
+    for split in ("validation", "test"):
+        scores.plot(numbers, [step[split] for step in steps], marker="o", label=split)
+    scores.axvline(trajectory["kept"], color="grey", linestyle=":", label="kept step")
+    for field in ("macs_ratio", "latency_ratio"):
+        if all(field in step for step in steps):
+            costs.plot(numbers, [step[field] for step in steps], marker="o", label=field.replace("_", " "))
+    epochs = [epoch for step in steps for epoch in step.get("epochs", [])]
+    losses.plot([epoch["epoch"] for epoch in epochs], [epoch["loss"] for epoch in epochs], marker=".")
+    for axes, title, xlabel in ((scores, "score", "step"), (costs, "compressed / dense", "step"),
+                                (losses, "training loss", "epoch")):
+        axes.set(title=title, xlabel=xlabel)
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.suptitle(f"{folder.path}: {trajectory['settings']['method']}, stopped: {trajectory['stopped']}",
+                    fontsize=9)
+    figure.tight_layout()
+    path = Path(args.out) if args.out else folder.path / "trajectory.png"
+    figure.savefig(path, dpi=90)
+    print(f"wrote {path}")
     return 0
 
 
@@ -405,6 +455,14 @@ def _precisions(text: str) -> list[str]:
     return names
 
 
+def _logs(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in LOGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown log {unknown[0]!r}; valid: {', '.join(LOGS)}")
+    return names
+
+
 def _fraction(text: str) -> float:
     return _checked(text, float, lambda value: 0 <= value <= 1, "a number in [0, 1]")
 
@@ -489,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="comma-separated: fp32, fp16, bf16 (weights and inputs cast)")
     bench_parser.add_argument("--json", help="write the rows as JSON to this path")
     _prune_parser(commands)
+    plot_parser = commands.add_parser("plot", help="draw a run's trajectory (scores, costs, training loss)")
+    plot_parser.add_argument("run", help="the run folder of fxcompress prune")
+    plot_parser.add_argument("--out", help="the image to write (default RUN/trajectory.png)")
+    plot_parser.set_defaults(handler=plot_command, model="")
     return parser
 
 
@@ -528,6 +590,8 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--save-steps", action="store_true", help="keep every step's model (steps/<step>.pt)")
     sub.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
     sub.add_argument("--quiet", action="store_true", help="no step lines and no progress bars")
+    sub.add_argument("--log", type=_logs, default=[], help="comma-separated: csv (log.csv), tensorboard "
+                     "(tensorboard/): each step and training epoch, in the run folder")
     _artifact_arguments(sub)
     sub.add_argument("--latency-threads", type=_positive_int, help="CPU threads latency is measured on "
                      "(default: those training runs on)")

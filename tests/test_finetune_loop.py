@@ -243,3 +243,39 @@ def test_resume_refuses_other_settings_naming_both_values_and_keeps_the_record(t
     resumed = prune(model, X16, data=tiny_data(), train_config=FEW, steps=2, max_drop=1.0, out=tmp_path, resume=True,
                     progress=False)
     assert resumed.trajectory.training["lr"] == 0.01 and resumed.trajectory.settings["steps"] == 2
+
+
+def test_each_step_records_its_epochs_and_the_logs_and_plot_show_them(tmp_path, capsys):
+    from fxcompress.finetune.hooks import CsvLog
+    seen = []
+
+    class Watch:
+        def on_step(self, entry):
+            seen.append(entry["step"])
+
+        def on_end(self, trajectory):
+            seen.append(trajectory.stopped)
+
+    result = prune(small_cnn(), X16, data=tiny_data(), train_config=FEW, dense_epochs=1, epochs_per_step=2, steps=1,
+                   max_drop=1.0, out=tmp_path, hooks=[CsvLog(tmp_path / "log.csv"), Watch()])
+    steps = result.trajectory.steps
+    assert [[epoch["epoch"] for epoch in step["epochs"]] for step in steps] == [[0], [1, 2]]
+    assert steps[1]["epochs"][0]["lr"] == FEW.lr > steps[1]["epochs"][1]["lr"] > 0  # cosine, per step
+    assert all(epoch["loss"] > 0 for step in steps for epoch in step["epochs"])
+    assert seen == [0, 1, "1 steps done"]
+    assert "step 1: " in capsys.readouterr().out
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("kind,step,validation") and [row.split(",")[0] for row in rows[1:]] == \
+        ["epoch", "step", "epoch", "epoch", "step"]
+    assert cli_main(["plot", str(tmp_path)]) == 0 and (tmp_path / "trajectory.png").stat().st_size > 1000
+
+
+def test_the_tensorboard_log_names_its_package_where_it_is_missing(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        from fxcompress.finetune.hooks import TensorBoardLog
+        with pytest.raises(fxcompress.MissingDependencyError, match="needs the tensorboard package"):
+            TensorBoardLog(tmp_path)
+    else:
+        pytest.skip("tensorboard is installed")

@@ -36,10 +36,11 @@ from ..capture import private_copy
 from ..data import ImageSet
 from ..errors import OptionError, PassError, PlanError, finite_number, known_fields
 from ..graph import module_of
-from ..measure import measure, speedup
+from ..measure import measure
 from ..plan import Decision, Plan
 from . import distributed
 from . import oneshot  # noqa: F401  (registers the "oneshot" method)
+from .hooks import StepLine
 from .methods import Method, StepInputs, make_method
 from ..trainable import apply_plan, base_of, blending, plan_of
 from .run_folder import RunFolder
@@ -153,14 +154,16 @@ class _BuiltIn:
         self.data, self.config, self.device, self.objective = data, config, device, objective
         self.teacher = None  # the dense model, distilled where config.distill > 0
 
-    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None) -> None:
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None
+                 ) -> list[dict]:
         """Train `model` in place; distilling the dense model where asked, once there is one (the dense step
-        trains plainly)."""
+        trains plainly). Returns each epoch's mean loss and learning rate."""
         config = self.config if self.teacher is not None else dataclasses.replace(self.config, distill=0.0)
-        train(model, self.data.train, config, epochs, seed=seed, device=self.device,
-              find_unused_parameters=bool(plan_of(model).targets("remove_block")),
-              teacher=self.teacher if config.distill else None, regulariser=regulariser,
-              objective=self.objective, on_batch=on_batch)
+        trained = train(model, self.data.train, config, epochs, seed=seed, device=self.device,
+                        find_unused_parameters=bool(plan_of(model).targets("remove_block")),
+                        teacher=self.teacher if config.distill else None, regulariser=regulariser,
+                        objective=self.objective, on_batch=on_batch)
+        return [{"loss": loss, "lr": lr} for loss, lr in zip(trained["epoch_losses"], trained["epoch_lrs"])]
 
     def probe(self, model: torch.nn.Module, batches: int, samples: int, seed: int) -> float:
         """`model` trained for `batches` batches (no distillation), then scored on the first `samples` validation
@@ -199,12 +202,14 @@ class _Callables:
 
     probe = None  # the one-shot selection's probes need the built-in trainer
 
-    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None) -> None:
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None
+                 ) -> list[dict]:
         if on_batch is not None:
             raise OptionError("anneal blends decisions in batch by batch: it needs the built-in trainer (data=)")
         torch.manual_seed(seed)
         for _ in range(epochs):
             self.finetune_fn(model.train())
+        return []  # the caller's training: its losses are its own
 
     def validation(self, model: torch.nn.Module) -> float:
         return _score(self.evaluate_fn, model, "evaluate")
@@ -240,9 +245,10 @@ def _calibration(data, count: int, batch_size: int, objective=None) -> tuple[lis
 
 class _Loop:
     def __init__(self, model, example_inputs, config: LoopConfig, method: Method, runner, calibration: list,
-                 validation_batch, folder: RunFolder | None, progress: bool):
+                 validation_batch, folder: RunFolder | None, progress: bool, hooks: tuple):
         self.example_inputs, self.config, self.method, self.runner = example_inputs, config, method, runner
         self.folder, self.calibration, self.progress = folder, calibration, progress
+        self.hooks = ([StepLine()] if progress else []) + list(hooks)
         self.validation_batch = validation_batch
         self.model = apply_plan(model, Plan(), example_inputs)
         self.template = copy.deepcopy(base_of(self.model))  # unpruned: checkpoints load into copies of it
@@ -294,31 +300,32 @@ class _Loop:
         set_masks(base, state["masks"])
         return apply_plan(base.eval(), Plan.from_dict(state["plan"]), self.example_inputs)
 
-    def finetune(self, epochs: int, seed: int, since: torch.nn.Module | None = None) -> None:
+    def finetune(self, epochs: int, seed: int, since: torch.nn.Module | None = None) -> list[dict]:
         """Fine-tune the current model; with `anneal`, the decisions it makes and `since` does not are blended in
-        over the first `anneal` of the batches."""
+        over the first `anneal` of the batches. Returns each epoch's loss and learning rate (built-in trainer)."""
         if not epochs:
-            return
+            return []
         regulariser = self.method.regulariser(self.model, self.example_inputs)
         if since is None or not self.config.anneal:
-            self.runner.finetune(self.model, epochs, seed, regulariser)
-            return
+            return self.runner.finetune(self.model, epochs, seed, regulariser)
         with blending(self.model, since) as set_weight:
-            self.runner.finetune(self.model, epochs, seed, regulariser,
-                                 on_batch=lambda done: set_weight(done / self.config.anneal))
+            return self.runner.finetune(self.model, epochs, seed, regulariser,
+                                        on_batch=lambda done: set_weight(done / self.config.anneal))
 
     def dense_step(self) -> None:
         started = time.time()
-        self.finetune(self.config.dense_epochs, self.config.seed)
+        epochs = self.finetune(self.config.dense_epochs, self.config.seed)
         self.dense = copy.deepcopy(base_of(self.model)).eval()
         self.runner.teacher = self.dense
-        self.record(0, [], started)
+        self.record(0, [], started, epochs)
 
-    def record(self, step: int, choices: list, started: float) -> None:
+    def record(self, step: int, choices: list, started: float, epochs: list[dict]) -> None:
         model = self.model.eval()
+        first = sum(len(entry.get("epochs", [])) for entry in self.trajectory.steps)
         entry = {"step": step, "decisions": [asdict(d) for c in choices for d in c.decisions],
                  "chosen": [c.target for c in choices],
                  "scores": {c.target: c.score for c in choices if not math.isnan(c.score)},
+                 "epochs": [{"epoch": first + index, **epoch} for index, epoch in enumerate(epochs)],
                  "validation": self.runner.validation(model), "test": self.runner.test(model)}
         if distributed.is_main():
             entry.update(self.metrics(model))
@@ -328,15 +335,9 @@ class _Loop:
         entry["drop"] = round(dense - entry["validation"], 12)  # accuracies are ratios: 0.9015 - 0.8915 is 0.01
         entry["within_tolerance"] = entry["drop"] <= self.config.max_drop
         self.trajectory.steps.append(entry)
-        if self.progress and distributed.is_main():
-            removed = f"{entry.get('blocks_removed', 0)} blocks removed, " if entry.get("blocks_removed") else ""
-            sparsity = f"sparsity {entry['sparsity']:.3f}, " if entry.get("sparsity") else ""
-            test = entry["test"] if entry["test"] is None else round(entry["test"], 4)
-            latency = f", latency {entry['latency_ratio']:.3f} of the dense model's ({speedup(entry['latency_ratio'])})" \
-                if "latency_ratio" in entry else ""
-            print(f"step {step}: {entry.get('activations_linearised', 0)} activations linearised, {removed}{sparsity}"
-                  f"weight layers {entry.get('weight_layers')}, validation {entry['validation']:.4f} "
-                  f"(drop {entry['drop']:+.4f}), test {test}{latency}", flush=True)
+        if distributed.is_main():
+            for hook in self.hooks:
+                hook.on_step(entry)
         if entry["within_tolerance"]:
             self.trajectory.kept, self.kept_model = step, self.model
         self.save(entry["within_tolerance"])
@@ -420,10 +421,13 @@ class _Loop:
                 stop = "none of the chosen decisions can be applied"
                 break
             previous, self.model, choices = self.model, model, applied
-            self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step, since=previous)
-            self.record(step, choices, started)
+            epochs = self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step, since=previous)
+            self.record(step, choices, started, epochs)
         self.trajectory.stopped = stop
         self.save(False)
+        if distributed.is_main():
+            for hook in self.hooks:
+                hook.on_end(self.trajectory)
         return self.trajectory
 
     def stop_reason(self, step: int) -> str:
@@ -467,7 +471,7 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
           train_config: TrainConfig | None = None, finetune: Callable | None = None,
           evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
           objective=None, out: str | Path | None = None, resume: bool = False, device: str | None = None,
-          progress: bool = True, **options) -> PruneResult:
+          progress: bool = True, hooks: tuple = (), **options) -> PruneResult:
     """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
     "dsd2", "oneshot", "random", "control", or a method object such as `Tlc(rank="loss")`) by the fine-tuning loop
     (module docstring). A method's own options go in `method_options` (`Method.options`) or on the object. DSD²
@@ -478,7 +482,9 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
     `evaluate` callables (then `calibration` batches for the methods that measure). With the built-in trainer,
     `objective` (`objectives.Denoising`: a diffusion model's denoiser) replaces classification: its loss trains,
     its score validates and tests, and calibration batches are its model inputs. `progress` prints a line per
-    step and shows calibration bars (the trainer's bars follow `train_config.progress`). A copy of the model, the
+    step (`hooks.StepLine`) and shows calibration bars (the trainer's bars follow `train_config.progress`); `hooks`
+    (`hooks.CsvLog`, `hooks.TensorBoardLog`, or any with `on_step(entry)` and `on_end(trajectory)`) see each step's
+    record, its training epochs' losses and learning rates included. A copy of the model, the
     example inputs and the calibration batches go to `device` ("cpu", "cuda", "cuda:N"; by default this rank's GPU
     where CUDA is available, else the CPU, as the command line does): the loop trains, scores,
     captures and measures latency there; its checkpoints load on a machine without that device. The caller's model
@@ -512,7 +518,8 @@ def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "e
     model, example_inputs, calibration, validation_batch = _on_device(
         device, model, example_inputs, calibration, validation_batch)
     folder = _prepare_folder(out, resume)
-    loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, folder, progress)
+    loop = _Loop(model, example_inputs, config, chosen, runner, calibration, validation_batch, folder, progress,
+                 tuple(hooks))
     training = {} if data is None else train_config.to_dict()
     if objective is not None:
         training["objective"] = objective.describe()

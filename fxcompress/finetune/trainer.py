@@ -122,7 +122,8 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
           teacher: nn.Module | None = None, regulariser: Regulariser | None = None, objective=None,
           on_batch: Callable[[float], None] | None = None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
-    {"epoch_losses": mean training loss of each epoch (averaged over ranks), "batches": batches per rank}.
+    {"epoch_losses": mean training loss of each epoch (averaged over ranks), "epoch_lrs": the learning rate at the
+    start of each epoch, "batches": batches per rank}.
 
     The model is moved to `device` and left in training mode. Batches are shuffled by a generator seeded with
     `seed` and the last incomplete batch is dropped; an `ImageSet` is batched by `data.collate`, any other
@@ -153,7 +154,7 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
         teacher = teacher.to(device).eval()
     step = _Step(optimizer, scheduler, amp_dtype, config, teacher if config.distill else None, regulariser, objective)
     runner = _wrap(model, device, find_unused_parameters)
-    losses = []
+    losses, rates = [], []
     watching = regulariser.watching(model) if regulariser is not None else nullcontext()
     with watching, torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                          device_type=device.type):
@@ -163,10 +164,11 @@ def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, 
                 loader.sampler.set_epoch(epoch)
             done = epoch * per_epoch
             tick = None if on_batch is None else (lambda batch: on_batch((done + batch) / total))
+            rates.append(optimizer.param_groups[0]["lr"])
             losses.append(_train_epoch(runner, loader, per_epoch, step, device, config.progress, tick))
     del runner
     distributed.broadcast_buffers(model)
-    return {"epoch_losses": losses, "batches": total}
+    return {"epoch_losses": losses, "epoch_lrs": rates, "batches": total}
 
 
 def evaluate(model: nn.Module, dataset: Dataset | DataLoader, *, batch_size: int = 256,
