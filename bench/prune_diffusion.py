@@ -33,6 +33,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diffusion_quality  # noqa: E402
 import fashion_diffusion  # noqa: E402
+from fxcompress import Task  # noqa: E402
 from trajectories import lacoot_weight, read_trajectory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -80,11 +81,11 @@ def dit() -> torch.nn.Module:
     return fashion_diffusion.load("dit")
 
 
-def task() -> SimpleNamespace:
+def task() -> Task:
     """The splits, example inputs and denoising objective, for the CLI's --data."""
     data = splits()
-    data.example, data.objective = fashion_diffusion.example_inputs(DATA["batch_size"]), objective()
-    return data
+    return Task(data.train, data.validation, data.test, fashion_diffusion.example_inputs(DATA["batch_size"]),
+                objective())
 
 
 def run(kind: str, method: str) -> None:

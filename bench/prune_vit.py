@@ -31,6 +31,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_vit  # noqa: E402
+from fxcompress import Task  # noqa: E402
 import trajectories  # noqa: E402
 from trajectories import lacoot_weight, read_trajectory, within_one_point  # noqa: E402
 
@@ -80,11 +81,10 @@ def timm_vit() -> torch.nn.Module:
     return fashion_vit.load("timm")
 
 
-def task() -> SimpleNamespace:
+def task() -> Task:
     """The splits and example inputs, for the CLI's --data."""
     data = splits()
-    data.example = example()
-    return data
+    return Task(data.train, data.validation, data.test, example())
 
 
 def run(arch: str, method: str) -> None:

@@ -11,10 +11,11 @@ from .planner import PlanResult, find_plan
 from .report import Metrics, Report
 from .tokens import TokenConfig, reduce_tokens
 from .trainable import apply_plan, plan_of
-from .finetune.loop import PruneResult, prune
+from .data import Task
+from .finetune.loop import LoopConfig, PruneResult, prune
 from .finetune.trainer import TrainConfig
 
 __all__ = ["compress", "activation_names", "measure", "capture", "CompressResult", "CompressConfig", "Plan", "Decision", "Report", "Metrics",
            "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance", "frechet_distance",
-           "apply_plan", "plan_of", "prune", "PruneResult", "TrainConfig",
+           "apply_plan", "plan_of", "prune", "PruneResult", "TrainConfig", "LoopConfig", "Task",
            "FxCompressError", "CaptureError", "OptionError", "PlanError", "PassError", "MissingDependencyError"]

@@ -387,8 +387,8 @@ def method_options(args) -> dict:
 
 
 def load_task(reference: str):
-    """The task of `--data package.module:factory`: an object with train, validation and test datasets and the
-    model's example inputs, optionally an objective."""
+    """The task of `--data package.module:factory`: a `fxcompress.Task`, or any object with its fields (train,
+    validation and test datasets or DataLoaders, the model's example inputs, optionally an objective)."""
     if ":" not in reference:
         raise OptionError(f"--data must be fashion-mnist or package.module:factory, got {reference!r}")
     task = call_reference(reference, "data reference")
@@ -396,8 +396,9 @@ def load_task(reference: str):
     missing = [name for name in ("train", "validation", "test") if not isinstance(getattr(task, name, None), splits)]
     missing += [] if hasattr(task, "example") else ["example"]
     if missing:
-        raise OptionError(f"{reference} returned a {type(task).__name__} without {', '.join(missing)}: a task has "
-                          "train, validation and test (datasets or DataLoaders), example and optionally objective")
+        raise OptionError(f"{reference} returned a {type(task).__name__} without {', '.join(missing)}: return a "
+                          "fxcompress.Task (train, validation and test datasets or DataLoaders, example, optionally "
+                          "objective), e.g. fashion_mnist_splits(64).task(example)")
     return task
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import MissingDependencyError, OptionError, finite_number
 
@@ -138,6 +138,34 @@ class Splits:
     test: ImageSet | TensorDataset
     size: int
     classes: int = 10
+
+
+    def task(self, example, objective=None) -> "Task":
+        """These splits as a `Task`, with the model's example inputs (and an objective other than
+        classification)."""
+        return Task(self.train, self.validation, self.test, tuple(example), objective)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the fine-tuning loop trains and scores on: `prune(model, task.example, data=task,
+    objective=task.objective)`, and what the factory of `fxcompress prune --data package.module:factory` returns.
+
+    train, validation, test: datasets of (input, label) items (batched and shuffled by the built-in trainer), or
+        DataLoaders, used as they are;
+    example: the model's example inputs, a tuple (capture and the plan's call sites are found with them);
+    objective: None to classify (cross-entropy, accuracy), or `fxcompress.finetune.objectives.Denoising` for a
+        diffusion denoiser.
+
+    For example, `fashion_mnist_splits(64).task((torch.randn(1, 3, 64, 64),))`, or
+    `Task(TensorDataset(x, y), TensorDataset(vx, vy), TensorDataset(tx, ty), example=(x[:1],))`.
+    """
+
+    train: Dataset | DataLoader
+    validation: Dataset | DataLoader
+    test: Dataset | DataLoader
+    example: tuple
+    objective: object = None
 
 
 def fashion_mnist_splits(size: int = 64, validation: int = 5000, train_samples: int | None = None,

@@ -279,3 +279,16 @@ def test_the_tensorboard_log_names_its_package_where_it_is_missing(tmp_path):
             TensorBoardLog(tmp_path)
     else:
         pytest.skip("tensorboard is installed")
+
+
+def test_a_task_carries_the_splits_and_the_example_and_the_cli_names_what_a_task_lacks(tmp_path, monkeypatch):
+    from fxcompress.cli import load_task
+    task = tiny_data().task(X16)
+    assert isinstance(task, fxcompress.Task) and task.example == X16 and task.objective is None
+    result = prune(small_cnn(), task.example, data=task, train_config=FEW, steps=1, max_drop=1.0, progress=False)
+    assert len(result.trajectory.steps) == 2
+    (tmp_path / "my_tasks.py").write_text("from fxcompress.data import fashion_mnist_splits\n"
+                                          "def splits_only():\n    return fashion_mnist_splits(16, validation=64)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(OptionError, match=r"returned a Splits without example: return a fxcompress.Task"):
+        load_task("my_tasks:splits_only")
