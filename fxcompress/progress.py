@@ -1,4 +1,5 @@
-"""Progress bars: tqdm where it is installed (the `criteria` extra), none otherwise, with one warning."""
+"""Progress bars: tqdm where it is installed (the `criteria` extra), none otherwise, with one warning; shown on a
+terminal only, so that logs (a redirected stderr) get no carriage-return updates."""
 from __future__ import annotations
 
 import warnings
@@ -20,4 +21,4 @@ def bar(iterable: Iterable, label: str, enabled: bool = True, total: int | None 
             warnings.warn("progress bars need tqdm: pip install 'fxcompress[criteria]' (running without them)")
             _warned = True
         return iterable
-    return tqdm(iterable, desc=label, total=total, leave=leave)
+    return tqdm(iterable, desc=label, total=total, leave=leave, disable=None)  # None: off where stderr is no tty
