@@ -407,7 +407,8 @@ def report(folder: Path, results: Path = RESULTS) -> str:
     for row in record.get("latency", []):
         for name, value in row.get("variants", {}).items():
             lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['lowering']} | {name} | "
-                         f"{value['median_ms']:.3f} | {1 / value['vs_original']:.2f}× | {1 / value['vs_exact']:.2f}× |")
+                         f"{value['median_ms']:.3f} | {1 / value['vs_original']:.2f}× | "
+                         f"{1 / value['vs_exact']:.2f}× |")
     for name, entry in record.get("prune", {}).items():
         if isinstance(entry, dict) and "steps" in entry:
             last = entry["steps"][-1]

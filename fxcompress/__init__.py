@@ -15,7 +15,7 @@ from .data import Task
 from .finetune.loop import LoopConfig, PruneResult, prune
 from .finetune.trainer import TrainConfig
 
-__all__ = ["compress", "activation_names", "measure", "capture", "CompressResult", "CompressConfig", "Plan", "Decision", "Report", "Metrics",
-           "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance", "frechet_distance",
+__all__ = ["compress", "activation_names", "measure", "capture", "CompressResult", "CompressConfig", "Plan", "Decision",
+           "Report", "Metrics", "TokenConfig", "reduce_tokens", "find_plan", "PlanResult", "block_distance", "frechet_distance",
            "apply_plan", "plan_of", "prune", "PruneResult", "TrainConfig", "LoopConfig", "Task",
            "FxCompressError", "CaptureError", "OptionError", "PlanError", "PassError", "MissingDependencyError"]

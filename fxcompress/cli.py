@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -448,32 +449,19 @@ def _device(text: str) -> str:
     return text
 
 
-def _precisions(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [name for name in names if name not in PRECISIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown precision {unknown[0]!r}; valid: {', '.join(PRECISIONS)}")
-    return names
-
-
-def _logs(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [name for name in names if name not in LOGS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown log {unknown[0]!r}; valid: {', '.join(LOGS)}")
-    return names
+def _names_of(kind: str, valid) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `valid`."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [name for name in names if name not in valid]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {unknown[0]!r}; valid: {', '.join(valid)}")
+        return names
+    return parse
 
 
 def _fraction(text: str) -> float:
     return _checked(text, float, lambda value: 0 <= value <= 1, "a number in [0, 1]")
-
-
-def _lowerings(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [name for name in names if name not in LOWERINGS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown lowering {unknown[0]!r}; valid: {', '.join(LOWERINGS)}")
-    return names
 
 
 def _option_type(option):
@@ -539,12 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_arguments(compress_parser)
 
     bench_parser = command("bench", bench_command, "time original vs compressed", None)
-    bench_parser.add_argument("--lowering", type=_lowerings, default=[DEFAULT_LOWERING],
+    bench_parser.add_argument("--lowering", type=_names_of("lowering", LOWERINGS), default=[DEFAULT_LOWERING],
                               help=f"comma-separated, of {', '.join(LOWERINGS)}")
     bench_parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated")
     bench_parser.add_argument("--repeats", type=_positive_int, default=20)
     bench_parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
-    bench_parser.add_argument("--precisions", type=_precisions, default=["fp32"],
+    bench_parser.add_argument("--precisions", type=_names_of("precision", PRECISIONS), default=["fp32"],
                               help="comma-separated: fp32, fp16, bf16 (weights and inputs cast)")
     bench_parser.add_argument("--json", help="write the rows as JSON to this path")
     _prune_parser(commands)
@@ -591,8 +579,9 @@ def _prune_parser(commands) -> None:
     sub.add_argument("--save-steps", action="store_true", help="keep every step's model (steps/<step>.pt)")
     sub.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
     sub.add_argument("--quiet", action="store_true", help="no step lines and no progress bars")
-    sub.add_argument("--log", type=_logs, default=[], help="comma-separated: csv (log.csv), tensorboard "
-                     "(tensorboard/): each step and training epoch, in the run folder")
+    sub.add_argument("--log", type=_names_of("log", LOGS), default=[],
+                     help="comma-separated: csv (log.csv), tensorboard (tensorboard/): each step and training epoch, "
+                          "in the run folder")
     _artifact_arguments(sub)
     sub.add_argument("--latency-threads", type=_positive_int, help="CPU threads latency is measured on "
                      "(default: those training runs on)")

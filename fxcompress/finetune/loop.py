@@ -6,8 +6,8 @@ training where asked) and repeats, until a budget is met (`activations` linearis
 `max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
 result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved in
 its run folder (`run_folder.RunFolder`: checkpoint, the kept planned model, trajectory, every step's model with
-`save_steps`); `resume=True` continues an interrupted run from its last checkpoint (a step that was interrupted starts again;
-each step seeds its own random generators, so a resumed run makes the same choices).
+`save_steps`); `resume=True` continues an interrupted run from its last checkpoint (a step that was interrupted
+starts again; each step seeds its own random generators, so a resumed run makes the same choices).
 
 Training and evaluation are either the caller's (`finetune(model, step)` trains the model in place;
 `evaluate(model) -> score`, higher is better, on a validation split; `test(model) -> score` optional) or the
@@ -282,8 +282,8 @@ class _Loop:
                    for part, given in (("settings", asdict(self.config)), ("training", training))
                    for name, value in given.items() if name not in RESUMABLE and saved[part].get(name) != value]
         if changed:
-            raise OptionError(f"{self.folder.path} holds a run with other settings ({'; '.join(changed)}): resume it with "
-                              "its own, or start a new run in another folder (or over it with force)")
+            raise OptionError(f"{self.folder.path} holds a run with other settings ({'; '.join(changed)}): resume it "
+                              "with its own, or start a new run in another folder (or over it with force)")
         self.dense = copy.deepcopy(self.template)
         self.dense.load_state_dict(state["dense_state_dict"])
         self.runner.teacher = self.dense.eval()

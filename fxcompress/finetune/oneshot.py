@@ -63,7 +63,8 @@ class OneShot(Method):
                      float, bounds=(0, 1)),
     )
 
-    def __init__(self, selection: str = "criterion", importance: str = "probe", budget: float | None = None, kinds: str = ",".join(KINDS), probe_batches: int = 16,
+    def __init__(self, selection: str = "criterion", importance: str = "probe", budget: float | None = None,
+                 kinds: str = ",".join(KINDS), probe_batches: int = 16,
                  probe_samples: int = 1000, min_saving: float = 0.005):
         super().__init__(selection)
         if importance not in IMPORTANCES:
