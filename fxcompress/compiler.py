@@ -19,7 +19,7 @@ from .planner import plan_graph
 from .report import Report
 from .tokens.config import TokenConfig
 from .tokens.graph import token_plan
-from .verify import full_precision, output_tensors
+from .verify import full_precision, output_tensors, random_sample
 
 
 @full_precision()
@@ -35,7 +35,7 @@ def compress_captured(gm: fx.GraphModule, example_inputs, config: CompressConfig
     finds = tokens is not None or criterion is not None
     if finds:  # the pipeline then reuses these annotations and outputs
         annotate_names(gm)
-        first_outputs = output_tensors(annotate_shapes(gm, tuple(example_inputs)))
+        first_outputs = output_tensors(annotate_shapes(gm, random_sample(example_inputs)))
     if tokens is not None:
         decisions += token_plan(gm, tokens).decisions
     if criterion is not None:

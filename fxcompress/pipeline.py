@@ -1,8 +1,9 @@
 """Run passes over a captured graph: plan first, then the exact passes to a fixed point, each verified.
 
 Passes propose rewrites (`context.Site`s) and the pipeline applies them (`apply_pass`); the contract is in
-`passes/README.md`. After every pass that changed the graph, its outputs are compared with those of the graph
-before it. A pass whose sites all claim to be exact but moves the outputs by more than `config.tolerance`
+`passes/README.md`. After every pass that changed the graph, its outputs on a seeded random variant of the
+example inputs (`verify.random_sample`: one replay, which also annotates the shapes) are compared with those of
+the graph before it. A pass whose sites all claim to be exact but moves the outputs by more than `config.tolerance`
 (widened for float16 and bfloat16 graphs, `verify.tolerance_for`) is rolled back to the copy taken before
 its first site; the faulty site is found by bisection over prefixes of the sites, excluded, and the pass run
 again without it. Approximate rewrites and the plan's passes (which change outputs by design) are measured
@@ -26,7 +27,7 @@ from .graph import Snapshot, annotate_names, annotate_shapes, names_of_kind, rem
 from .passes import EXACT_PASSES, PLAN_ACTIONS, fold_constants
 from .plan import Plan
 from .report import Check, Metrics, Report, Rewrite
-from .verify import full_precision, output_tensors, outputs, relative_error, sample_inputs, tolerance_for
+from .verify import full_precision, output_tensors, outputs, random_sample, relative_error, tolerance_for
 
 MAX_ROUNDS = 8
 
@@ -99,15 +100,16 @@ def _rewrite(pass_name: str, site: Site) -> Rewrite:
 class Pipeline:
     def __init__(self, gm: fx.GraphModule, example_inputs, config: CompressConfig, plan: Plan,
                  exact_passes: tuple[Callable, ...] = EXACT_PASSES, first_outputs: list | None = None):
-        """`first_outputs`: the outputs of `gm` on the example inputs where the caller has already annotated its
-        names and shapes (`compiler.compress_captured`), so that the graph is not replayed for them again."""
+        """`first_outputs`: the outputs of `gm` on `verify.random_sample(example_inputs)` where the caller has
+        already annotated its names and shapes on it (`compiler.compress_captured`), so that the graph is not
+        replayed for them again."""
         self.config, self.plan, self.exact_passes = config, plan, exact_passes
         example_inputs = tuple(example_inputs)  # every replay runs on fresh copies (`verify.fresh`)
         self.flat_inputs = pytree.tree_leaves(example_inputs)
         device = next((str(t.device) for t in self.flat_inputs if isinstance(t, torch.Tensor)), "cpu")
         self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering, device)
                               if config.cost_model == "latency" else None)
-        self.samples = sample_inputs(example_inputs)
+        self.samples = [random_sample(example_inputs)]
         self.report = Report()
         self.excluded: dict[str, set[str]] = {}
         self.skips: list = []
@@ -115,7 +117,7 @@ class Pipeline:
             annotate_names(gm)
             reference = self._replay(gm)
         else:
-            reference = [first_outputs, *outputs(gm, self.samples[1:])]
+            reference = [first_outputs]
         check_plan(gm, plan)
         self.report.before = Metrics.of(gm)
         self.state = _State(gm, reference)
@@ -123,8 +125,8 @@ class Pipeline:
                                                           list(gm.state_dict().values())])
 
     def _replay(self, gm: fx.GraphModule) -> list:
-        """The outputs of `gm` on every sample, annotating its shapes on the first (the example inputs)."""
-        return [output_tensors(annotate_shapes(gm, self.samples[0])), *outputs(gm, self.samples[1:])]
+        """The outputs of `gm` on the sample, annotating its shapes (the example's: the sample has its shapes)."""
+        return [output_tensors(annotate_shapes(gm, self.samples[0]))]
 
     def run_pass(self, rewrite_pass: Callable, verify: bool = True) -> bool:
         """Apply one pass and measure the change of the outputs. With `verify`, a pass whose sites all claim

@@ -16,9 +16,14 @@ LOW_PRECISION_EPS = 8
 
 
 def sample_inputs(example_inputs) -> list[tuple]:
-    """The caller's example inputs plus a seeded random variant of their floating-point tensors, on their
-    devices (scalars stay: dynamo passes options such as a dropout probability as 0-d tensors). The noise is
-    drawn on the CPU, so that the samples are the same on every device."""
+    """The caller's example inputs and `random_sample` of them."""
+    return [tuple(example_inputs), random_sample(example_inputs)]
+
+
+def random_sample(example_inputs) -> tuple:
+    """A seeded random variant of the example inputs' floating-point tensors (the example's mean and spread), on
+    their devices; other values stay (scalars too: dynamo passes options such as a dropout probability as 0-d
+    tensors). The noise is drawn on the CPU, so that the sample is the same on every device."""
     generator = torch.Generator().manual_seed(0)
 
     def randomise(value):
@@ -28,7 +33,7 @@ def sample_inputs(example_inputs) -> list[tuple]:
             return (value.float().std().clamp(min=1e-3) * noise + value.float().mean()).to(value.dtype)
         return value
 
-    return [tuple(example_inputs), tuple(pytree.tree_map(randomise, tuple(example_inputs)))]
+    return tuple(pytree.tree_map(randomise, tuple(example_inputs)))
 
 
 @contextmanager

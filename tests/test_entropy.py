@@ -1,5 +1,6 @@
 """annotate_entropy against a direct computation, on conv, token and plain layouts, through both captures."""
 import math
+import sys
 
 import pytest
 import torch
@@ -109,7 +110,8 @@ def test_streaming_equals_one_big_batch():
     torch.testing.assert_close(whole.result().std, parts.result().std)
 
 
-def test_progress_bar_and_data_loader_style_batches(capsys):
+def test_progress_bar_and_data_loader_style_batches(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars show on a terminal only
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
     batches = [(torch.randn(4, 5), torch.zeros(4)) for _ in range(2)]  # (inputs, labels)
