@@ -10,11 +10,11 @@ package is found through PYTHONPATH, the depthprune backend passed as a callable
 
 Stages, each written to DIR/gpu_check.json as soon as it ends (a stage that fails records its error and the next
 one runs):
-1. correctness: compress (exact and with the committed demo plan), apply_plan, the depthprune backend with the
-   eager, inductor and cudagraphs lowerings, reduce_tokens, the compressed module's `.to()/.half()/save/load`, and
-   a 2-step `prune` on the device; each output against eager (float32, no TF32) with its tolerance.
-2. latency: MobileNetV2 (original, exact = BatchNorms folded, the committed demo and one-shot plans, every
-   inverted residual collapsed), ResNet-18 and -50 (original, exact), the Fashion ViT (original, exact, FOLDER)
+1. correctness: compress (exact and with the iterative loop's committed plan), apply_plan, the depthprune backend
+   with the eager, inductor and cudagraphs lowerings, reduce_tokens, the compressed module's `.to()/.half()/
+   save/load`, and a 2-step `prune` on the device; each output against eager (float32, no TF32) with its tolerance.
+2. latency: MobileNetV2 (original, exact = BatchNorms folded, the committed plans of the iterative loop and of the
+   one-shot selection, every inverted residual collapsed), ResNet-18 and -50 (original, exact), the Fashion ViT (original, exact, FOLDER)
    and ViT-B/16 (original, FOLDER); eager, cudagraphs and inductor-reduce-overhead; fp32 and fp16; batch 1, 32
    and 128; medians of CUDA-event timings, interleaved, ratios against the original and the exact model. Groups run
    in priority order while the budget lasts; the rest are recorded as skipped.
@@ -53,7 +53,7 @@ import fashion_vit  # noqa: E402
 DATA = ROOT / "gpu-data"
 RESULTS = ROOT / "results" / "gpu"
 DENSE_FILE = ROOT / "results" / "prune" / "mobilenet_v2_dense_start.pt"
-DEMO_PLAN_FILE = ROOT / "results" / "prune" / "mobilenet_v2_demo.pt"
+ITERATIVE_PLAN_FILE = ROOT / "results" / "prune" / "mobilenet_v2_easier-latency-long_plan.json"  # 4 activations
 ONESHOT_PLAN_FILE = ROOT / "results" / "oneshot" / "oneshot-probe_plan.json"
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
@@ -85,8 +85,8 @@ def mobilenet_v2() -> torch.nn.Module:
     return model.eval()
 
 
-def demo_plan():
-    return Plan.from_dict(torch.load(DEMO_PLAN_FILE, map_location="cpu", weights_only=False)["plan"])
+def iterative_plan():
+    return Plan.load(ITERATIVE_PLAN_FILE)
 
 
 def oneshot_plan():
@@ -124,7 +124,7 @@ def correctness(device: str, smoke: bool, deadline: Deadline) -> list[dict]:
     x = torch.randn(batch, 3, size, size, generator=generator).to(device)
     model = mobilenet_v2().to(device)
     checks = [("compress, exact", lambda: check_compress(model, x, None)),
-              ("compress, demo plan", lambda: check_compress(model, x, demo_plan())),
+              ("compress, iterative plan", lambda: check_compress(model, x, iterative_plan())),
               ("compressed module: to, half, save/load, deepcopy", lambda: check_module(model, x, device)),
               ("reduce_tokens, Fashion ViT", lambda: check_tokens(device, batch))]
     lowerings = ("eager",) if device == "cpu" else ("eager", "cudagraphs", "inductor")
@@ -225,7 +225,7 @@ def variants(smoke: bool, device: str) -> list[dict]:
     shape per batch, and which lowerings, precisions and batches to time."""
     size = 32 if smoke else 224
     mobilenet = mobilenet_v2()
-    plans = {"exact": None, "demo plan": demo_plan(), "one-shot plan": oneshot_plan(),
+    plans = {"exact": None, "iterative plan": iterative_plan(), "one-shot plan": oneshot_plan(),
              "full collapse": collapse_plan(mobilenet, (torch.randn(1, 3, size, size),))}
     gpu = device != "cpu"
     lowerings = ("cudagraphs", "eager") if gpu else ("eager",)

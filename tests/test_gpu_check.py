@@ -20,9 +20,9 @@ def gpu_check():
 def test_the_latency_variants_build_from_the_committed_plans(gpu_check):
     (group,) = gpu_check.variants(smoke=True, device="cpu")
     plans = {name: options["plan"] for name, options in group["variants"].items()}
-    assert set(plans) == {"exact", "demo plan", "one-shot plan", "full collapse"}
+    assert set(plans) == {"exact", "iterative plan", "one-shot plan", "full collapse"}
     assert len(plans["full collapse"].targets("linearize")) == 32  # both activations of blocks 2-17
-    assert plans["demo plan"].targets("linearize") and plans["one-shot plan"].decisions
+    assert plans["iterative plan"].targets("linearize") and plans["one-shot plan"].decisions
 
 
 def test_a_spent_budget_records_what_it_skipped(gpu_check, tmp_path):
@@ -36,7 +36,7 @@ def test_a_smoke_run_writes_the_table_the_report_reads(gpu_check, tmp_path):
     record = gpu_check.run(tmp_path, "cpu", budget=600, smoke=True, stages=("latency",))
     (row,) = record["latency"]
     assert (row["model"], row["batch"], row["precision"], row["lowering"]) == ("mobilenet_v2", 1, "fp32", "eager")
-    assert set(row["variants"]) == {"original", "exact", "demo plan", "one-shot plan", "full collapse"}
+    assert set(row["variants"]) == {"original", "exact", "iterative plan", "one-shot plan", "full collapse"}
     assert row["variants"]["exact"]["vs_exact"] == 1.0
     assert all(value["median_ms"] > 0 for value in row["variants"].values())
     summary = gpu_check.report(tmp_path, tmp_path / "results")
