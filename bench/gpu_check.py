@@ -43,12 +43,13 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from fxcompress import Plan, activation_names, apply_plan, compress, measure, prune, reduce_tokens  # noqa: E402
+from fxcompress import Plan, apply_plan, compress, measure, prune, reduce_tokens  # noqa: E402
 from fxcompress.data import FASHION_MNIST_DIR, fashion_mnist_splits  # noqa: E402
 from fxcompress.finetune.trainer import TrainConfig  # noqa: E402
 from fxcompress.measure import machine  # noqa: E402
 from fxcompress.verify import full_precision  # noqa: E402
 import fashion_vit  # noqa: E402
+from oneshot_fashion import collapse_plan  # noqa: E402
 
 DATA = ROOT / "gpu-data"
 RESULTS = ROOT / "results" / "gpu"
@@ -91,13 +92,6 @@ def iterative_plan():
 
 def oneshot_plan():
     return Plan.load(ONESHOT_PLAN_FILE) if ONESHOT_PLAN_FILE.is_file() else None
-
-
-def collapse_plan(model, example):
-    """Both activations of every inverted residual linearised (blocks 2-17): each collapses into one dense conv."""
-    names = [name for name in activation_names(model, example) if ".conv." in name and
-             not name.startswith("features.1.")]
-    return Plan.linearize(names)
 
 
 def fashion_vit_model() -> torch.nn.Module:

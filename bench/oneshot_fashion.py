@@ -46,6 +46,7 @@ RESULTS = ROOT / "results" / "oneshot"
 DENSE_FILE = ROOT / "results" / "prune" / "mobilenet_v2_dense_start.pt"
 DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
 SIZE, VALIDATION, EPOCHS, TARGET, ANNEAL = 64, 5000, 3, 0.67, 0.3
+COLLAPSE = "every inverted residual collapsed"  # a latency reference (merges alone), not a run
 RECIPE = ["--lr", "0.01", "--schedule", "cosine", "--batch-size", "64", "--distill", "0.7", "--temperature", "4"]
 ONESHOT = ["--method", "oneshot", "--latency-ratio", str(TARGET), "--anneal", str(ANNEAL), "--steps", "1",
            "--epochs-per-step", str(EPOCHS)]
@@ -87,6 +88,14 @@ def run(name: str) -> None:
             shutil.copy(folder / source, RESULTS / f"{name}_{source}")
 
 
+def collapse_plan(model, example):
+    """Both activations of every inverted residual linearised (blocks 2-17): each collapses into one dense conv,
+    its shortcut a Dirac tap. The ceiling of merges alone (its accuracy is not measured: untrained, it is lost)."""
+    from fxcompress import Plan, activation_names
+    return Plan.linearize([name for name in activation_names(model, example)
+                           if ".conv." in name and not name.startswith("features.1.")])
+
+
 def trajectory(name: str) -> dict | None:
     return read_trajectory(RESULTS / f"{name}_trajectory.json")
 
@@ -100,10 +109,12 @@ def latency() -> None:
     path = RESULTS / "latency.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     model = mobilenet_v2()
-    for name in RUNS_OF:
-        if trajectory(name) is None or name in results:
+    plans = {name: final_plan for name in RUNS_OF if trajectory(name) is not None}
+    plans[COLLAPSE] = lambda _: collapse_plan(model, (torch.randn(1, 3, SIZE, SIZE),))
+    for name, plan_of_run in plans.items():
+        if name in results:
             continue
-        plan = final_plan(name)
+        plan = plan_of_run(name)
         entry = {}
         for size in (SIZE, 224):
             for threads in (1, 2):
@@ -116,11 +127,17 @@ def latency() -> None:
         print(name, entry, flush=True)
 
 
+def pair(ratios: dict, size: int) -> str:
+    """The ONNX Runtime speed-ups at `size` on 1 and 2 threads, in words."""
+    from fxcompress.measure import speedup
+    values = [ratios.get(f"onnxruntime_{size}_threads{threads}") for threads in (1, 2)]
+    return " / ".join("—" if value is None else speedup(value) for value in values)
+
+
 def report() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from fxcompress.measure import speedup
     timing = json.loads((RESULTS / "latency.json").read_text()) if (RESULTS / "latency.json").is_file() else {}
     control = trajectory("control")
     reference = control["steps"][-1]["test"] if control else math.nan
@@ -138,18 +155,17 @@ def report() -> None:
         predicted = json.loads(selection.read_text())["selection"]["predicted_ratio"] if selection.is_file() else None
         seconds = sum(step["seconds"] for step in data["steps"])
 
-        def pair(size):
-            values = [ratios.get(f"onnxruntime_{size}_threads{t}") for t in (1, 2)]
-            return " / ".join("—" if v is None else speedup(v) for v in values)
-
         rows.append(f"| {name} | {100 * last['test']:.2f} | {100 * (last['test'] - reference):+.2f} | "
                     f"{100 * (last['test'] - first['test']):+.2f} | {last['dense_weight_layers']} → "
                     f"{last['weight_layers']} | {last['activations_linearised']} | {last['blocks_removed']} | "
-                    f"{last['macs_ratio']:.3f} | {pair(SIZE)} | {pair(224)} | "
+                    f"{last['macs_ratio']:.3f} | {pair(ratios, SIZE)} | {pair(ratios, 224)} | "
                     f"{'—' if predicted is None else f'{predicted:.3f}'} | {seconds:.0f} |")
         ratio = ratios.get(f"onnxruntime_{SIZE}_threads1")
         if ratio is not None:
             axes.scatter([1 / ratio], [100 * last["test"]], label=name, marker="s" if name == "control" else "o")
+    if COLLAPSE in timing:
+        rows.append(f"| {COLLAPSE} (untrained: latency only) | — | — | — | 53 → 21 | 32 | 0 | — | "
+                    f"{pair(timing[COLLAPSE], SIZE)} | {pair(timing[COLLAPSE], 224)} | — | — |")
     axes.axhline(100 * reference - 1, color="grey", linestyle="--", label="control - 1 point")
     axes.set(xlabel=f"speed-up, ONNX Runtime batch 1, {SIZE}², 1 thread (dense / compressed)",
              ylabel="test accuracy, 10k images (%)", title="MobileNetV2 on Fashion-MNIST, same total training")
