@@ -80,10 +80,11 @@ def _restore(rebuild, arguments) -> CompressedModule:
 
 def compressed_module(gm: fx.GraphModule) -> CompressedModule:
     """`gm` (a compressed graph) as a CompressedModule in eval mode, sharing its weights; torch.export's guard, if
-    any, replaced by an InputGuard over the placeholders' captured shapes."""
-    if GUARD in gm._modules:
-        shapes = [_static_shape(node) for node in gm.graph.nodes if node.op == "placeholder"]
-        gm._modules[GUARD] = InputGuard(shapes)
+    any, replaced by an InputGuard over the captured shapes of the inputs it checks."""
+    guard = next((node for node in gm.graph.nodes if node.op == "call_module" and node.target == GUARD), None)
+    if guard is not None:
+        gm._modules[GUARD] = InputGuard([_static_shape(arg) if isinstance(arg, fx.Node) else None
+                                         for arg in guard.args])
     gm.graph._tracer_cls = Retracer  # export's tracer cannot re-trace the pickled code
     module = CompressedModule(gm, gm.graph, class_name="CompressedModule")
     module.training = False
