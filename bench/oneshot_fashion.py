@@ -17,7 +17,8 @@ is what is removed:
 - control: nothing (the dense model trained as long: the reference every drop is measured against);
 - oneshot-probe / oneshot-criterion / oneshot-random: the one-shot selection reaching TARGET of the dense
   latency (ONNX Runtime, batch 1, 1 thread) with probe, criterion or random importance, then one fine-tune with
-  the selected decisions annealed in over the first ANNEAL of it;
+  the selected decisions annealed in over the first ANNEAL of it; oneshot-probe-0.60 asks 0.60 instead, a margin
+  for the table's optimism (its probes and latency table are the same as oneshot-probe's: seeded from them);
 - iterative: EASIER with the latency-aware selection, 2 activations per step, 6 steps of half the training
   images each (the same total), as the loop did before the one-shot selection.
 The probes' throwaway fine-tunes (16 batches per candidate) are not counted in the total; they are reported.
@@ -48,13 +49,19 @@ DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
 SIZE, VALIDATION, EPOCHS, TARGET, ANNEAL = 64, 5000, 3, 0.67, 0.3
 COLLAPSE = "every inverted residual collapsed"  # a latency reference (merges alone), not a run
 RECIPE = ["--lr", "0.01", "--schedule", "cosine", "--batch-size", "64", "--distill", "0.7", "--temperature", "4"]
-ONESHOT = ["--method", "oneshot", "--latency-ratio", str(TARGET), "--anneal", str(ANNEAL), "--steps", "1",
-           "--epochs-per-step", str(EPOCHS)]
+
+
+def oneshot(importance: str, target: float = TARGET) -> list[str]:
+    return ["--method", "oneshot", "--latency-ratio", str(target), "--anneal", str(ANNEAL), "--steps", "1",
+            "--epochs-per-step", str(EPOCHS), "--importance", importance]
+
+
 RUNS_OF = {
-    "oneshot-probe": ONESHOT + ["--importance", "probe"],
+    "oneshot-probe": oneshot("probe"),
+    "oneshot-probe-0.60": oneshot("probe", 0.60),  # a margin: the table's predictions run ~0.07 optimistic
     "control": ["--method", "control", "--steps", "1", "--epochs-per-step", str(EPOCHS)],
-    "oneshot-random": ONESHOT + ["--importance", "random"],
-    "oneshot-criterion": ONESHOT + ["--importance", "criterion"],
+    "oneshot-random": oneshot("random"),
+    "oneshot-criterion": oneshot("criterion"),
     "iterative": ["--method", "easier", "--selection", "latency", "--per-step", "2", "--steps", str(2 * EPOCHS),
                   "--epochs-per-step", "1", "--train-samples", str((60000 - VALIDATION) // 2)],
 }
@@ -182,15 +189,14 @@ DEMO_RUN = "oneshot-probe"
 
 def freeze() -> None:
     from fxcompress.finetune.run_folder import RunFolder
-    from fxcompress.finetune.sparsity import plain_state_dict
-    from fxcompress.trainable import base_of, plan_of
     half = lambda state: {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     saved = {"run": DEMO_RUN}
     for label, name in (("shallower", DEMO_RUN), ("control", "control")):
         folder = RunFolder(RUNS / name)
-        kept = folder.kept_model()
-        saved[label] = {"plan": plan_of(kept).to_dict(), "state_dict": half(plain_state_dict(base_of(kept))),
-                        "step": folder.trajectory()["kept"]}
+        state, kept = folder.checkpoint(), folder.trajectory()["kept"]
+        if state["trajectory"]["steps"][-1]["step"] != kept:
+            raise SystemExit(f"{name}: its last step is not its kept step {kept}")
+        saved[label] = {"plan": state["plan"], "state_dict": half(state["state_dict"]), "step": kept}
     torch.save(saved, DEMO_FILE)
     print(f"wrote {DEMO_FILE}")
 
