@@ -7,10 +7,6 @@
                                                        run's step within 1 point also at 224 and on Inductor
   python bench/prune_fashion.py report                 plots (PNG) and the summary table (Markdown) of all runs
   python bench/prune_fashion.py egp-split MODEL        the share of each layer that EGP's first round prunes
-  python bench/prune_fashion.py freeze                 commit the demo's models: the dense MobileNetV2 and the kept
-                                                       step of its DEMO_RUN, float16 weights and plan, in DEMO_FILE
-  python bench/prune_fashion.py demo                   the main job: the committed shallower MobileNetV2 against
-                                                       the dense one (test accuracy, depth, latency)
 
 Every command is resumable: `dense` skips a model already trained, `run` resumes its run folder, `latency`
 skips what it measured. Runs live in bench/runs/ (not committed); results (trajectories, plans, latency,
@@ -53,8 +49,7 @@ CONTROL_STEPS = 10  # the control fine-tunes as long as a method's run usually l
 MAX_DROP_CURVE = 0.03  # the methods' runs go on past 1 point, so that the plots show where accuracy falls; the
 # table reports their last step within 1 point
 # Each run: the method and the settings that differ from the defaults (selection criterion, 1 epoch per step,
-# no distillation, DATA's validation split, MAX_DROP_CURVE). The latency-aware variants stop at 1 point: their
-# kept step is a candidate for the demo's model.
+# no distillation, DATA's validation split, MAX_DROP_CURVE). The latency-aware variants stop at 1 point.
 RUNS_OF = {
     "easier": {"method": "easier"},
     "tlc": {"method": "tlc"},
@@ -299,59 +294,9 @@ def egp_split(name: str) -> None:
     print(json.dumps(result, indent=2))
 
 
-DEMO_RUN = "easier-latency-long"
-DEMO_FILE = RESULTS / "mobilenet_v2_demo.pt"
-
-
-def freeze() -> None:
-    from fxcompress.finetune.run_folder import RunFolder
-    from fxcompress.finetune.sparsity import plain_state_dict
-    from fxcompress.trainable import base_of, plan_of
-    folder = RunFolder(RUNS / "mobilenet_v2" / DEMO_RUN)
-    kept, step = folder.kept_model(), folder.trajectory()["kept"]
-    dense_state = torch.load(dense_path("mobilenet_v2"), map_location="cpu", weights_only=True)
-    half = lambda state: {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
-    torch.save({"run": DEMO_RUN, "step": step, "plan": plan_of(kept).to_dict(), "dense": half(dense_state),
-                "kept": half(plain_state_dict(base_of(kept)))}, DEMO_FILE)
-    print(f"wrote {DEMO_FILE} (step {step} of {DEMO_RUN})")
-
-
-def demo() -> None:
-    from fxcompress import Plan, compress
-    from fxcompress.data import fashion_mnist_splits
-    from fxcompress.trainable import apply_plan
-    from fxcompress.finetune.trainer import evaluate
-    from fxcompress.measure import speedup
-    saved = torch.load(DEMO_FILE, map_location="cpu", weights_only=False)
-    dense, kept = base_model("mobilenet_v2"), base_model("mobilenet_v2")
-    dense.load_state_dict({key: value.float() for key, value in saved["dense"].items()})
-    kept.load_state_dict({key: value.float() for key, value in saved["kept"].items()})
-    example = (torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),)
-    plan = Plan.from_dict(saved["plan"])
-    shallower = apply_plan(kept.eval(), plan, example)
-    test = fashion_mnist_splits(SIZE, validation=DATA["validation"]).test
-    print(f"MobileNetV2 (ImageNet weights) fine-tuned on Fashion-MNIST at {SIZE}px, made shallower by "
-          f"{saved['run']} (step {saved['step']} of bench/prune_fashion.py; weights and plan committed in "
-          f"{DEMO_FILE.relative_to(ROOT.parent)})\n")
-    rows = {}
-    for label, model in (("dense", dense.eval()), ("shallower", shallower)):
-        report = compress(model, example).report
-        rows[label] = (report, evaluate(model, test).accuracy)
-    print(f"{'':10} {'activations':>11} {'weight layers':>14} {'MACs':>8} {'test accuracy (10k)':>20}")
-    for label, (report, accuracy) in rows.items():
-        after = report.after
-        print(f"{label:10} {after.activations:>11} {after.weight_layers:>14} {after.macs / 1e6:>7.1f}M "
-              f"{100 * accuracy:>19.2f}%")
-    print(f"\nactivations linearised: {len(plan.targets('linearize'))} of {rows['dense'][0].after.activations}"
-          " (weight layers and MACs after compress: BatchNorms folded, merges made)")
-    for size in (SIZE, 224):
-        ratio = latency_ratio(dense.eval(), plan, size, "onnxruntime")
-        print(f"batch-1 latency on ONNX Runtime at {size}x{size}: shallower / dense = {ratio:.3f} ({speedup(ratio)})")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["dense", "run", "latency", "report", "egp-split", "freeze", "demo"])
+    parser.add_argument("command", choices=["dense", "run", "latency", "report", "egp-split"])
     parser.add_argument("model", nargs="?", choices=list(DENSE))
     parser.add_argument("method", nargs="?", choices=list(METHODS))
     args = parser.parse_args()
@@ -366,10 +311,6 @@ def main() -> None:
         report()
     elif args.command == "egp-split":
         egp_split(args.model)
-    elif args.command == "freeze":
-        freeze()
-    elif args.command == "demo":
-        demo()
 
 
 if __name__ == "__main__":
