@@ -174,6 +174,7 @@ def report() -> None:
         rows.append(f"| {COLLAPSE} (untrained: latency only) | — | — | — | 53 → 21 | 32 | 0 | — | "
                     f"{pair(timing[COLLAPSE], SIZE)} | {pair(timing[COLLAPSE], 224)} | — | — |")
     axes.axhline(100 * reference - 1, color="grey", linestyle="--", label="control - 1 point")
+    axes.axvline(1.5, color="grey", linestyle=":", label="goal: 1.5x")
     axes.set(xlabel=f"speed-up, ONNX Runtime batch 1, {SIZE}², 1 thread (dense / compressed)",
              ylabel="test accuracy, 10k images (%)", title="MobileNetV2 on Fashion-MNIST, same total training")
     axes.grid(alpha=0.3)

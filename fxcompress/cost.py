@@ -1,9 +1,9 @@
 """The merge cost model: (cost, parameters) of a conv or linear, where cost is MACs or the latency measured
 on the target lowering.
 
-Latency is measured once per op signature and input shape on a stand-alone module of that one op, lowered
-like the real model, and kept in a lookup table per lowering and device (in memory, and in a JSON file
-when a path is given). The chain cost is the sum of its ops' latencies: launch overheads and fusions
+Latency is measured once per op signature and input shape on a stand-alone module of that one op, by a timer the
+caller gives (`measure.op_timer`: lowered like the real model), and kept in a lookup table per lowering and device
+(in memory, and in a JSON file when a path is given); the cost model itself does no timing. The chain cost is the sum of its ops' latencies: launch overheads and fusions
 across ops are not modelled, which is why every merge is reported with both. A bias map (a per-resolution
 constant derived from the weights, one add per output like a bias) is not counted as parameters.
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .errors import valid_choice
+from .errors import OptionError, valid_choice
 from .merge_math import ConvSpec, LinearSpec, layer_macs
 
 COST_MODELS = ("macs", "latency")
@@ -31,12 +32,15 @@ class _SpecModule(torch.nn.Module):
         return self.spec(x)
 
 
-class LatencyTable:
-    """Median latency (ms) of single ops on one lowering and device, measured once per signature."""
+OpTimer = Callable[[torch.nn.Module, tuple], float]  # (a one-op module, its inputs) -> median ms
 
-    def __init__(self, lowering: str = "eager", device: str = "cpu", path: str | Path | None = None,
-                 repeats: int = 15):
-        self.lowering, self.device, self.repeats = lowering, device, repeats
+
+class LatencyTable:
+    """Median latency (ms) of single ops, measured once per signature by `timer` (`measure.op_timer`: on one
+    lowering and device, which `key` names in every entry)."""
+
+    def __init__(self, timer: OpTimer, key: str, path: str | Path | None = None):
+        self.timer, self.key = timer, key
         self.path = None if path is None else Path(path)
         self.entries: dict[str, float] = {}
         if self.path is not None and self.path.is_file():
@@ -54,18 +58,13 @@ class LatencyTable:
     def _key(self, spec, in_shape) -> str:
         shape = "x".join(map(str, in_shape))
         if isinstance(spec, LinearSpec):
-            return f"{self.lowering}|{self.device}|linear|{tuple(spec.weight.shape)}|{spec.bias is not None}|{shape}"
-        return (f"{self.lowering}|{self.device}|conv|{tuple(spec.weight.shape)}|g{spec.groups}|s{spec.stride}"
+            return f"{self.key}|linear|{tuple(spec.weight.shape)}|{spec.bias is not None}|{shape}"
+        return (f"{self.key}|conv|{tuple(spec.weight.shape)}|g{spec.groups}|s{spec.stride}"
                 f"|p{spec.padding}{f'|d{spec.dilation}' if spec.is_dilated else ''}"
                 f"|{spec.bias is not None}|{spec.bias_map is not None}|{shape}|{spec.weight.dtype}")
 
     def _measure(self, spec, in_shape) -> float:
-        from .measure import measure
-
-        x = torch.randn(*in_shape, dtype=spec.weight.dtype, device=self.device)
-        timing = measure({"op": _SpecModule(spec).eval()}, (x,), lowering=self.lowering, device=self.device,
-                         warmup=3, repeats=self.repeats)
-        return timing["results"]["op"]["median_ms"]
+        return self.timer(_SpecModule(spec).eval(), (torch.randn(*in_shape, dtype=spec.weight.dtype),))
 
 
 class CostModel:
@@ -73,8 +72,9 @@ class CostModel:
 
     def __init__(self, kind: str = "macs", table: LatencyTable | None = None):
         valid_choice("cost model", kind, COST_MODELS)
-        self.kind = kind
-        self.table = table if table is not None or kind == "macs" else LatencyTable()
+        if kind == "latency" and table is None:
+            raise OptionError("the latency cost model needs a latency table (cost.LatencyTable)")
+        self.kind, self.table = kind, table
 
     def conv(self, spec: ConvSpec, in_shape, out_size) -> tuple[float, int]:
         params = spec.weight.numel() + (0 if spec.bias is None else spec.bias.numel())

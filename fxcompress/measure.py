@@ -164,6 +164,14 @@ def _placed(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return private_copy(model).to(device=device, dtype=dtype)
 
 
+def op_timer(lowering: str, device: str = "cpu", repeats: int = 15) -> Callable[[torch.nn.Module, tuple], float]:
+    """The median ms of one small module on `lowering` and `device` (the latency cost model's measurement)."""
+    def time_op(module: torch.nn.Module, inputs: tuple) -> float:
+        timing = measure({"op": module}, inputs, lowering=lowering, device=device, warmup=3, repeats=repeats)
+        return timing["results"]["op"]["median_ms"]
+    return time_op
+
+
 def measure(models: dict[str, torch.nn.Module], example_inputs, *, lowering: str = "eager",
             warmup: int = 3, repeats: int = 20, device: str = "cpu", threads: int | None = None,
             precision: str = "fp32") -> dict:

@@ -24,6 +24,7 @@ from .context import PassContext, Site
 from .cost import CostModel, LatencyTable
 from .errors import PassError, PlanError
 from .graph import Snapshot, annotate_names, annotate_shapes, names_of_kind, remove_unused_constants, stable_name
+from .measure import op_timer
 from .passes import EXACT_PASSES, PLAN_ACTIONS, fold_constants
 from .plan import Plan
 from .report import Check, Metrics, Report, Rewrite
@@ -107,7 +108,8 @@ class Pipeline:
         example_inputs = tuple(example_inputs)  # every replay runs on fresh copies (`verify.fresh`)
         self.flat_inputs = pytree.tree_leaves(example_inputs)
         device = next((str(t.device) for t in self.flat_inputs if isinstance(t, torch.Tensor)), "cpu")
-        self.cost = CostModel(config.cost_model, LatencyTable(config.latency_lowering, device)
+        self.cost = CostModel(config.cost_model, LatencyTable(op_timer(config.latency_lowering, device),
+                                                              f"{config.latency_lowering}|{device}")
                               if config.cost_model == "latency" else None)
         self.samples = [random_sample(example_inputs)]
         self.report = Report()
