@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch import fx
 
 from ..blocks import monitored_blocks
 from ..capture import is_planned

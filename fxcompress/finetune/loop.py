@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch.utils import _pytree as pytree
@@ -38,11 +38,12 @@ from ..errors import OptionError, PassError, PlanError, finite_number, known_fie
 from ..graph import module_of
 from ..measure import measure
 from ..plan import Decision, Plan
+from ..trainable import apply_plan, base_of, blending, plan_of
 from . import distributed
 from . import oneshot  # noqa: F401  (registers the "oneshot" method)
 from .hooks import StepLine
 from .methods import Method, StepInputs, make_method
-from ..trainable import apply_plan, base_of, blending, plan_of
+from .objectives import Objective
 from .run_folder import RunFolder
 from .sparsity import masks_of, plain_state_dict, set_masks, weight_sparsity
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
@@ -146,11 +147,27 @@ def _masked(model: torch.nn.Module, choices: list) -> torch.nn.Module:
     return model
 
 
+class Runner(Protocol):
+    """Who trains and scores for the loop: the built-in trainer on data (`_BuiltIn`) or the caller's callables
+    (`_Callables`)."""
+
+    device: str
+    teacher: torch.nn.Module | None  # the dense model, once there is one (distillation)
+    probe: Callable | None  # a short fine-tune and score of a candidate (the one-shot selection's probes)
+
+    def finetune(self, model: torch.nn.Module, epochs: int, seed: int, regulariser=None, on_batch=None
+                 ) -> list[dict]: ...
+
+    def validation(self, model: torch.nn.Module) -> float: ...
+
+    def test(self, model: torch.nn.Module) -> float | None: ...
+
+
 class _BuiltIn:
     """Training and evaluation by the built-in trainer on `data` (train, validation, test splits): accuracy, or
     the `objective`'s score."""
 
-    def __init__(self, data, config: TrainConfig, device: str, objective=None):
+    def __init__(self, data, config: TrainConfig, device: str, objective: Objective | None = None):
         self.data, self.config, self.device, self.objective = data, config, device, objective
         self.teacher = None  # the dense model, distilled where config.distill > 0
 
@@ -233,7 +250,7 @@ def _in_order(split, batch_size: int) -> DataLoader:
     return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate_fn(split, train=False))
 
 
-def _calibration(data, count: int, batch_size: int, objective=None) -> tuple[list, tuple | None]:
+def _calibration(data, count: int, batch_size: int, objective: Objective | None = None) -> tuple[list, tuple | None]:
     """The first `count` training batches (the model's inputs: the images, or the objective's inputs made from
     them with a fixed seed) and the first validation batch, fixed for the run."""
     batches = itertools.islice(_in_order(data.train, batch_size), count)
@@ -244,7 +261,7 @@ def _calibration(data, count: int, batch_size: int, objective=None) -> tuple[lis
 
 
 class _Loop:
-    def __init__(self, model, example_inputs, config: LoopConfig, method: Method, runner, calibration: list,
+    def __init__(self, model, example_inputs, config: LoopConfig, method: Method, runner: Runner, calibration: list,
                  validation_batch, folder: RunFolder | None, progress: bool, hooks: tuple):
         self.example_inputs, self.config, self.method, self.runner = example_inputs, config, method, runner
         self.folder, self.calibration, self.progress = folder, calibration, progress
@@ -470,8 +487,8 @@ def loop_config(method: "str | Method", options: dict) -> LoopConfig:
 def prune(model: torch.nn.Module, example_inputs, *, method: "str | Method" = "easier", data=None,
           train_config: TrainConfig | None = None, finetune: Callable | None = None,
           evaluate: Callable | None = None, test: Callable | None = None, calibration: list | None = None,
-          objective=None, out: str | Path | None = None, resume: bool = False, device: str | None = None,
-          progress: bool = True, hooks: tuple = (), **options) -> PruneResult:
+          objective: Objective | None = None, out: str | Path | None = None, resume: bool = False,
+          device: str | None = None, progress: bool = True, hooks: tuple = (), **options) -> PruneResult:
     """Make `model` shallower with `method` (`methods.METHODS`: "easier", "tlc", "lacoot", "egp", "magnitude",
     "dsd2", "oneshot", "random", "control", or a method object such as `Tlc(rank="loss")`) by the fine-tuning loop
     (module docstring). A method's own options go in `method_options` (`Method.options`) or on the object. DSD²

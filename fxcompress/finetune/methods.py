@@ -47,20 +47,20 @@ import torch.nn.functional as F
 from torch import fx
 
 from .. import meta
+from ..blocks import monitored_blocks
 from ..config import CompressConfig
 from ..context import Calibration, PassContext
 from ..criteria import OFF
 from ..errors import OptionError, PassError, PlanError, finite_number
-from ..graph import names_of_kind, real_users, stable_name
+from ..graph import names_of_kind, stable_name
 from ..ops import activation_regions, bind
 from ..passes import ANALYSES
-from ..plan import Decision, Plan
-from ..selection.candidates import next_activation
-from ..planner import approximation_error, layer_error, off_decision, regions_refusal
 from ..pipeline import compress_graph
-from ..blocks import monitored_blocks
-from .lacoot import BlockDistanceRegulariser, measured_distances, planned_model, positive_integer
+from ..plan import Decision, Plan
+from ..planner import approximation_error, layer_error, off_decision, regions_refusal
+from ..selection.candidates import next_activation
 from ..trainable import apply_plan, planned_graph
+from .lacoot import BlockDistanceRegulariser, measured_distances, planned_model, positive_integer
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
                        layer_magnitude_masks, layer_modules)
 

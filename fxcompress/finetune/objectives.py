@@ -10,11 +10,29 @@ increase of the denoising error by 0.01). The noise schedule is given as its cum
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import OptionError
+
+
+class Objective(Protocol):
+    """What the trainer and the loop need of an objective other than classification (`Denoising` is one)."""
+
+    name: str
+    seed: int  # the draws of `score` and of the calibration inputs
+
+    def describe(self) -> dict: ...
+
+    def loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def score(self, model: torch.nn.Module, dataset: Dataset | DataLoader, device: torch.device | str = "cpu",
+              batch_size: int = 256) -> float: ...
+
+    def model_inputs(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple: ...
 
 
 class Denoising:

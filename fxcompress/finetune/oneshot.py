@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from ..api import compress
 from ..config import CompressConfig
 from ..context import PassContext
-from ..api import compress
 from ..errors import OptionError
 from ..measure import measure
 from ..passes import ANALYSES
@@ -39,8 +39,8 @@ from ..selection.candidates import KINDS
 from ..selection.importance import criterion_costs, random_costs
 from ..selection.latency import LatencyTable, lowered_timer
 from ..selection.table import CandidateTable, candidate_table
-from .methods import Choice, Method, MethodOption, StepInputs, register_method
 from ..trainable import apply_plan, base_of, plan_of, planned_graph
+from .methods import Choice, Method, MethodOption, StepInputs, register_method
 
 IMPORTANCES = ("probe", "criterion", "random")
 MEASURED_ROUNDS = 4

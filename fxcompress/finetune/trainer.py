@@ -29,6 +29,7 @@ from .. import data
 from ..progress import bar
 from ..errors import OptionError, finite_number, known_fields, valid_choice
 from . import distributed
+from .objectives import Objective
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -119,7 +120,7 @@ class Evaluation:
 
 def train(model: nn.Module, dataset: Dataset | DataLoader, config: TrainConfig, epochs: int, *, seed: int,
           device: str | torch.device = "cpu", find_unused_parameters: bool = False,
-          teacher: nn.Module | None = None, regulariser: Regulariser | None = None, objective=None,
+          teacher: nn.Module | None = None, regulariser: Regulariser | None = None, objective: Objective | None = None,
           on_batch: Callable[[float], None] | None = None) -> dict:
     """Train `model` in place on `dataset` (items (input, label)) for `epochs` epochs and return
     {"epoch_losses": mean training loss of each epoch (averaged over ranks), "epoch_lrs": the learning rate at the
@@ -231,7 +232,7 @@ class _Step:
     regulariser's penalty, outside autocast), backward (scaled for float16), optimiser and schedule."""
 
     def __init__(self, optimizer, scheduler, amp_dtype: torch.dtype | None, config: TrainConfig,
-                 teacher: nn.Module | None, regulariser: Regulariser | None = None, objective=None) -> None:
+                 teacher: nn.Module | None, regulariser: Regulariser | None = None, objective: Objective | None = None) -> None:
         self.optimizer, self.scheduler, self.amp_dtype = optimizer, scheduler, amp_dtype
         self.config, self.teacher, self.regulariser, self.objective = config, teacher, regulariser, objective
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
