@@ -336,35 +336,56 @@ class EvalMode:
             module.training = training
 
 
-def _captured(model: torch.nn.Module, example_inputs, plan: Plan) -> fx.GraphModule:
-    """The captured graph of `model` (a planned model: of its base), names and shapes annotated, with
-    `fxcompress_plan`: the model's plan then `plan`, checked against it (PlanError)."""
-    base, full = split_plan(model, plan)
+def base_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+    """The captured graph of `model` (a planned model: of its base, without its plan), names and shapes
+    annotated. Captured once, it serves `planned_graph` and `apply_plan` (`captured=`) while the base's
+    weights stay as they were: the fine-tuning loop captures once per step, for scoring and applying."""
+    base = base_of(model)
     with EvalMode(base), torch.no_grad():
         gm = capture(base, check_inputs(base, example_inputs))
     annotate_names(gm)
     annotate_shapes(gm, tuple(example_inputs))
+    return gm
+
+
+def _holds_weights_of(gm: fx.GraphModule, base: torch.nn.Module) -> bool:
+    graph_state, base_state = gm.state_dict(), base.state_dict()
+    return set(graph_state) <= set(base_state) and all(
+        torch.equal(graph_state[key], value) for key, value in base_state.items() if key in graph_state)
+
+
+def _captured(model: torch.nn.Module, example_inputs, plan: Plan,
+              captured: fx.GraphModule | None = None) -> fx.GraphModule:
+    """The captured graph of `model` (a planned model: of its base), names and shapes annotated, with
+    `fxcompress_plan`: the model's plan then `plan`, checked against it (PlanError). A copy of `captured`
+    (`base_graph` of the same base) where it holds the base's current weights, else captured anew."""
+    base, full = split_plan(model, plan)
+    reuse = captured is not None and _holds_weights_of(captured, base)
+    gm = copy.deepcopy(captured) if reuse else base_graph(base, example_inputs)
     check_plan(gm, full)
     gm.fxcompress_plan = full
     return gm
 
 
-def planned_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
-    """The graph of a planned model, as the compiler sees it: captured from its base, its plan applied, no
-    merge; stable names and shapes annotated (what the methods score)."""
-    gm = _captured(model, tuple(example_inputs), Plan())
+def planned_graph(model: torch.nn.Module, example_inputs, captured: fx.GraphModule | None = None
+                  ) -> fx.GraphModule:
+    """The graph of a planned model, as the compiler sees it: captured from its base (or `captured`, see
+    `base_graph`), its plan applied, no merge; stable names and shapes annotated (what the methods score)."""
+    gm = _captured(model, tuple(example_inputs), Plan(), captured)
     gm, _ = compress_graph(gm, tuple(example_inputs), CompressConfig(), gm.fxcompress_plan, exact_passes=())
     return gm
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs) -> torch.nn.Module:
+def apply_plan(model: torch.nn.Module, plan: Plan | str | dict, example_inputs,
+               captured: fx.GraphModule | None = None) -> torch.nn.Module:
     """A trainable copy of `model` with `plan` applied at its call sites (see the module docstring); `model`
     may itself be planned, and the copy then carries both plans. `example_inputs` are used to find and check
-    the call sites. Raises PlanError where the plan does not fit the model or cannot be applied at call time.
+    the call sites; `captured` (`base_graph`) saves capturing the model again. Raises PlanError where the plan
+    does not fit the model or cannot be applied at call time.
     """
     plan = Plan.load(plan)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    gm = _captured(model, example_inputs, plan)
+    gm = _captured(model, example_inputs, plan, captured)
     full = gm.fxcompress_plan
     edits = _edits(gm, full)
     planned = private_copy(base_of(model))

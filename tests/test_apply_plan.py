@@ -203,3 +203,22 @@ def test_a_planned_and_pruned_model_saves_and_loads_with_its_plan(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.eval()(X), planned.eval()(X))
     assert plan_of(copy.deepcopy(planned)) == plan_of(planned)  # a deep copy does not apply the plan again
+
+
+def test_a_graph_captured_once_serves_scoring_and_applying_while_the_weights_are_unchanged(monkeypatch):
+    from fxcompress import trainable
+    model = trained_batchnorm(torchvision.models.mobilenet_v2(num_classes=10))
+    planned = apply_plan(model, Plan.linearize(["features.2.conv.0.2:hardtanh"]), (X,))
+    captured = trainable.base_graph(planned, (X,))
+    captures = []
+    monkeypatch.setattr(trainable, "capture", lambda *args: captures.append(1) or fxcompress.capture(*args))
+    plan = Plan.linearize(["features.3.conv.0.2:hardtanh"])
+    scored = trainable.planned_graph(planned, (X,), captured)
+    applied = apply_plan(planned, plan, (X,), captured)
+    assert captures == [] and plan_of(applied).targets("linearize") == ["features.2.conv.0.2:hardtanh",
+                                                                       "features.3.conv.0.2:hardtanh"]
+    with torch.no_grad():
+        assert relative(scored(X), planned(X)) < 1e-5
+        base_of(planned).features[0][0].weight.mul_(1.5)  # the graph no longer holds these weights
+        rescored = trainable.planned_graph(planned, (X,), captured)
+        assert captures == [1] and relative(rescored(X), planned(X)) < 1e-5

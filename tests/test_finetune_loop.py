@@ -292,3 +292,31 @@ def test_a_task_carries_the_splits_and_the_example_and_the_cli_names_what_a_task
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(OptionError, match=r"returned a Splits without example: return a fxcompress.Task"):
         load_task("my_tasks:splits_only")
+
+
+def test_each_step_captures_the_model_once_for_scoring_and_applying(monkeypatch):
+    from fxcompress import trainable
+
+    class CapturesPerStep:
+        def __init__(self):
+            self.total, self.at_step = 0, []
+
+        def on_step(self, entry):
+            self.at_step.append(self.total)
+
+        def on_end(self, trajectory):
+            pass
+
+    counter = CapturesPerStep()
+
+    def counting(*args):
+        counter.total += 1
+        return fxcompress.capture(*args)
+
+    monkeypatch.setattr(trainable, "capture", counting)
+    model = randomize_batchnorm(with_classes(torchvision.models.resnet18(), 10)).eval()
+    for method in ("easier", "tlc"):
+        counter.total, counter.at_step = 0, []
+        prune(model, X16, method=method, data=tiny_data(), train_config=FEW, steps=2, max_drop=1.0,
+              calibration_batches=1, hooks=[counter], progress=False)
+        assert [after - before for before, after in zip(counter.at_step, counter.at_step[1:])] == [1, 1], method

@@ -6,7 +6,7 @@ as the empirical distribution, p = 2). The published weights are 5 (ResNet-18) a
 a module's chain of residual adds with identity shortcuts in the captured graph (`monitored_blocks`): one add in
 a ResNet or MobileNetV2 block, two in a transformer layer (attention, then MLP), so a transformer layer is
 regularised and removed whole. The block's input (the first add's shortcut) and output (the last add's result)
-are read from the trainable planned model at its call sites (`planned.recording`), so no architecture needs its
+are read from the trainable planned model at its call sites (`trainable.recording`), so no architecture needs its
 own hooks. After training, blocks are replaced by their input (`remove_block` of each of their adds), smallest
 distance first, the distances measured on calibration batches in eval mode (`block_distances`), without
 fine-tuning in the paper.
@@ -33,7 +33,7 @@ CALIBRATION_SEED = 0  # the projections of `block_distances`: the same for every
 
 
 def block_pairs(recorded: list, blocks: dict[str, tuple[str, ...]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(block, input, output) of each block forward in `recorded` (`planned.recording` of the first and last adds
+    """(block, input, output) of each block forward in `recorded` (`trainable.recording` of the first and last adds
     of `blocks`): the first add's shortcut and the last add's result."""
     starts = {adds[0]: block for block, adds in blocks.items()}
     ends = {adds[-1]: block for block, adds in blocks.items()}

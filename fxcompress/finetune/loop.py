@@ -1,13 +1,15 @@
-"""The fine-tuning loop every method runs: score -> choose -> apply -> fine-tune -> evaluate -> record.
+"""The fine-tuning loop every method runs: capture -> score -> choose -> apply -> fine-tune -> evaluate -> measure
+-> hooks.
 
 `prune(model, example_inputs, method=..., ...)` starts from the dense model (step 0, after `dense_epochs` of
-training where asked) and repeats, until a budget is met (`activations` linearised, `macs_ratio` or
-`latency_ratio` of the compressed model against the dense one), the validation score drops more than
-`max_drop` below the dense model's, the method has nothing left to choose, or `steps` steps have run. The
-result is the last step within the tolerance. Every step is recorded (`Trajectory`) and, with `out`, saved in
-its run folder (`run_folder.RunFolder`: checkpoint, the kept planned model, trajectory, every step's model with
-`save_steps`); `resume=True` continues an interrupted run from its last checkpoint (a step that was interrupted
-starts again; each step seeds its own random generators, so a resumed run makes the same choices).
+training where asked) and repeats until a stop rule holds (`STOP_RULES`: the validation score more than
+`max_drop` below the dense model's, a one-shot plan chosen, a budget met: `activations` linearised, `macs_ratio`
+or `latency_ratio` of the compressed model against the dense one; `steps` steps run) or the method has nothing
+left to choose. The result is the last step within the tolerance. Each step's record (`Trajectory`) is measured
+(`Costs`, `Latency`) and handed to the hooks (`hooks.StepLine`, the caller's, and `Checkpoint`, which writes the
+run folder with `out`: `run_folder.RunFolder`, checkpoint, the kept planned model, trajectory, every step's
+model with `save_steps`); `resume=True` continues an interrupted run from its last checkpoint (a step that was
+interrupted starts again; each step seeds its own random generators, so a resumed run makes the same choices).
 
 Training and evaluation are either the caller's (`finetune(model, step)` trains the model in place;
 `evaluate(model) -> score`, higher is better, on a validation split; `test(model) -> score` optional) or the
@@ -38,7 +40,7 @@ from ..errors import OptionError, PassError, PlanError, finite_number, known_fie
 from ..graph import module_of
 from ..measure import measure
 from ..plan import Decision, Plan
-from ..trainable import apply_plan, base_of, blending, plan_of
+from ..trainable import apply_plan, base_graph, base_of, blending, plan_of
 from . import distributed
 from . import oneshot  # noqa: F401  (registers the "oneshot" method)
 from .hooks import StepLine
@@ -265,28 +267,15 @@ class _Loop:
                  validation_batch, folder: RunFolder | None, progress: bool, hooks: tuple):
         self.example_inputs, self.config, self.method, self.runner = example_inputs, config, method, runner
         self.folder, self.calibration, self.progress = folder, calibration, progress
-        self.hooks = ([StepLine()] if progress else []) + list(hooks)
+        self.hooks = ([StepLine()] if progress else []) + list(hooks) + \
+            ([Checkpoint(self)] if folder is not None else [])
+        self.measurements = [Costs(self)] + ([Latency(self)] if config.latency else [])
         self.validation_batch = validation_batch
         self.model = apply_plan(model, Plan(), example_inputs)
         self.template = copy.deepcopy(base_of(self.model))  # unpruned: checkpoints load into copies of it
         self.trajectory = Trajectory(asdict(config))
         self.dense = None  # the dense model (eval), for latency
         self.kept_model = None
-        self.dense_report = None
-
-    def save(self, within: bool) -> None:
-        if self.folder is None or not distributed.is_main():
-            return
-        base = base_of(self.model)
-        self.folder.save_checkpoint({
-            "plan": plan_of(self.model).to_dict(), "state_dict": plain_state_dict(base), "masks": masks_of(base),
-            "trajectory": self.trajectory.to_dict(), "dense_state_dict": self.dense.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
-        if within:
-            self.folder.save_model(self.model)
-        if self.config.save_steps:
-            self.folder.save_model(self.model, self.trajectory.steps[-1]["step"])
-        self.folder.save_trajectory(self.trajectory.to_dict())
 
     def resume(self, training: dict) -> None:
         """Continue from the folder's checkpoint, if there is one. Settings that differ from the run's own are
@@ -337,6 +326,7 @@ class _Loop:
         self.record(0, [], started, epochs)
 
     def record(self, step: int, choices: list, started: float, epochs: list[dict]) -> None:
+        """Evaluate the step's model, measure it (rank 0), and hand the record to the hooks."""
         model = self.model.eval()
         first = sum(len(entry.get("epochs", [])) for entry in self.trajectory.steps)
         entry = {"step": step, "decisions": [asdict(d) for c in choices for d in c.decisions],
@@ -345,95 +335,72 @@ class _Loop:
                  "epochs": [{"epoch": first + index, **epoch} for index, epoch in enumerate(epochs)],
                  "validation": self.runner.validation(model), "test": self.runner.test(model)}
         if distributed.is_main():
-            entry.update(self.metrics(model))
+            compressed = compress(model, self.example_inputs)
+            for measurement in self.measurements:
+                entry.update(measurement(model, compressed))
         entry["seconds"] = round(time.time() - started, 1)
         entry = distributed.broadcast_object(entry)
         dense = self.trajectory.steps[0]["validation"] if self.trajectory.steps else entry["validation"]
         entry["drop"] = round(dense - entry["validation"], 12)  # accuracies are ratios: 0.9015 - 0.8915 is 0.01
         entry["within_tolerance"] = entry["drop"] <= self.config.max_drop
         self.trajectory.steps.append(entry)
-        if distributed.is_main():
-            for hook in self.hooks:
-                hook.on_step(entry)
         if entry["within_tolerance"]:
             self.trajectory.kept, self.kept_model = step, self.model
-        self.save(entry["within_tolerance"])
+        self.notify("on_step", entry)
 
-    def metrics(self, model: torch.nn.Module) -> dict:
-        result = compress(model, self.example_inputs)
-        if self.dense_report is None:
-            self.dense_report = result.report if not self.trajectory.steps else \
-                compress(self.dense, self.example_inputs).report
-        before = self.dense_report.before
-        after = result.report.after
-        metrics = {"activations_linearised": len(plan_of(model).targets("linearize")),
-                   "blocks_removed": removed_blocks(plan_of(model)), "sparsity": weight_sparsity(model),
-                   "activations": after.activations, "weight_layers": after.weight_layers, "depth": after.depth,
-                   "params": after.params, "macs": after.macs, "macs_ratio": after.macs / before.macs,
-                   "dense_weight_layers": before.weight_layers}
-        if self.config.latency:
-            timing = measure({"dense": self.dense, "compressed": result.module}, self.example_inputs,
-                             lowering=self.config.lowering, device=self.runner.device,
-                             threads=self.config.latency_threads)
-            metrics["latency_ratio"] = timing["results"]["compressed"]["ratio"]
-            metrics["latency_ms"] = {name: r["median_ms"] for name, r in timing["results"].items()}
-        return metrics
+    def notify(self, event: str, value) -> None:
+        if distributed.is_main():
+            for hook in self.hooks:
+                getattr(hook, event)(value)
 
-    def budget_met(self, entry: dict) -> str:
-        config = self.config
-        if config.activations is not None and entry["activations_linearised"] >= config.activations:
-            return f"budget of {config.activations} activations met"
-        if config.macs_ratio is not None and entry["macs_ratio"] <= config.macs_ratio:
-            return f"budget macs_ratio {config.macs_ratio} met"
-        if config.latency_ratio is not None and entry["latency_ratio"] <= config.latency_ratio:
-            return f"budget latency_ratio {config.latency_ratio} met"
-        return ""
-
-    def choose(self, step: int) -> list:
+    def choose(self, step: int, captured) -> list:
         choices = None
         if distributed.is_main():
             inputs = StepInputs(self.example_inputs, self.calibration, self.validation_batch,
                                 random.Random(self.config.seed * 1000 + step), self.progress, self.config.lowering,
                                 self.runner.device, self.config.latency_threads, self.runner.probe,
                                 None if self.folder is None else self.folder.path,
-                                self.config.latency_ratio)
+                                self.config.latency_ratio, captured)
             choices = self.method.choose(self.model.eval(), inputs, self.config.per_step)
         return distributed.broadcast_object(choices)
 
-    def apply(self, choices: list) -> tuple[torch.nn.Module, list]:
+    def apply(self, choices: list, captured) -> tuple[torch.nn.Module, list]:
         """The current model with `choices` applied, and the choices applied: all at once, else one by one,
         dropping those that cannot be applied together with the earlier ones (channels removed from a group in
         which a later choice zeroes channels)."""
         model = self.model.eval()
+
+        def applied_with(choices: list) -> torch.nn.Module:
+            return apply_plan(model, Plan(_decisions(choices)), self.example_inputs, captured)
+
         try:
-            return _masked(apply_plan(model, Plan(_decisions(choices)), self.example_inputs), choices), choices
+            return _masked(applied_with(choices), choices), choices
         except (PlanError, PassError):
             if len(choices) == 1:
                 raise
         applied = []
         for choice in choices:
             try:
-                candidate = apply_plan(model, Plan(_decisions(applied + [choice])), self.example_inputs)
+                candidate = applied_with(applied + [choice])
             except (PlanError, PassError):
                 continue
             applied.append(choice)
         return _masked(candidate if applied else model, applied), applied
 
     def run(self) -> Trajectory:
+        """Step 0, then steps (capture once, choose, apply, fine-tune, record) until a stop rule holds."""
         steps = self.trajectory.steps
         if not steps:
             self.dense_step()
-        while True:
+        while not (stop := next(filter(None, (rule(self) for rule in STOP_RULES)), "")):
             step = steps[-1]["step"] + 1
-            stop = self.stop_reason(step)
-            if stop:
-                break
             started = time.time()
-            choices = self.choose(step)
+            captured = base_graph(self.model, self.example_inputs)  # scored and applied: weights unchanged
+            choices = self.choose(step, captured)
             if not choices and self.method.name != "control":
                 stop = "the method has nothing left to choose"
                 break
-            model, applied = self.apply(choices)
+            model, applied = self.apply(choices, captured)
             if choices and not applied:
                 stop = "none of the chosen decisions can be applied"
                 break
@@ -441,23 +408,8 @@ class _Loop:
             epochs = self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step, since=previous)
             self.record(step, choices, started, epochs)
         self.trajectory.stopped = stop
-        self.save(False)
-        if distributed.is_main():
-            for hook in self.hooks:
-                hook.on_end(self.trajectory)
+        self.notify("on_end", self.trajectory)
         return self.trajectory
-
-    def stop_reason(self, step: int) -> str:
-        last = self.trajectory.steps[-1]
-        if not last["within_tolerance"]:
-            return f"validation dropped {last['drop']:.4f} > max_drop {self.config.max_drop}"
-        if last["step"] > 0 and self.method.once:
-            return f"method {self.method.name!r} chose its whole plan in step 1"
-        if last["step"] > 0 and (met := self.budget_met(last)):
-            return met
-        if self.config.steps is not None and step > self.config.steps:
-            return f"{self.config.steps} steps done"
-        return ""
 
     def result(self) -> PruneResult:
         kept = self.trajectory.kept
@@ -468,6 +420,96 @@ class _Loop:
         else:
             model = self.kept_model
         return PruneResult(model.eval(), plan_of(model), self.trajectory)
+
+
+def _dropped_too_far(loop: _Loop) -> str:
+    last = loop.trajectory.steps[-1]
+    return "" if last["within_tolerance"] else \
+        f"validation dropped {last['drop']:.4f} > max_drop {loop.config.max_drop}"
+
+
+def _whole_plan_chosen(loop: _Loop) -> str:
+    return f"method {loop.method.name!r} chose its whole plan in step 1" \
+        if loop.method.once and loop.trajectory.steps[-1]["step"] > 0 else ""
+
+
+def _budget_met(loop: _Loop) -> str:
+    last, config = loop.trajectory.steps[-1], loop.config
+    if last["step"] == 0:
+        return ""
+    if config.activations is not None and last["activations_linearised"] >= config.activations:
+        return f"budget of {config.activations} activations met"
+    if config.macs_ratio is not None and last["macs_ratio"] <= config.macs_ratio:
+        return f"budget macs_ratio {config.macs_ratio} met"
+    if config.latency_ratio is not None and last["latency_ratio"] <= config.latency_ratio:
+        return f"budget latency_ratio {config.latency_ratio} met"
+    return ""
+
+
+def _steps_done(loop: _Loop) -> str:
+    steps = loop.config.steps
+    return f"{steps} steps done" if steps is not None and loop.trajectory.steps[-1]["step"] >= steps else ""
+
+
+STOP_RULES = (_dropped_too_far, _whole_plan_chosen, _budget_met, _steps_done)  # checked before each step, in order
+
+
+class Costs:
+    """What the compressed step model costs against the dense one: layers, MACs, parameters; and what its plan
+    removed."""
+
+    def __init__(self, loop: _Loop):
+        self.loop, self.dense = loop, None
+
+    def __call__(self, model: torch.nn.Module, compressed) -> dict:
+        if self.dense is None:
+            self.dense = compressed.report.before if not self.loop.trajectory.steps else \
+                compress(self.loop.dense, self.loop.example_inputs).report.before
+        after = compressed.report.after
+        return {"activations_linearised": len(plan_of(model).targets("linearize")),
+                "blocks_removed": removed_blocks(plan_of(model)), "sparsity": weight_sparsity(model),
+                "activations": after.activations, "weight_layers": after.weight_layers, "depth": after.depth,
+                "params": after.params, "macs": after.macs, "macs_ratio": after.macs / self.dense.macs,
+                "dense_weight_layers": self.dense.weight_layers}
+
+
+class Latency:
+    """The compressed step model's latency against the dense model's, on the loop's lowering and device."""
+
+    def __init__(self, loop: _Loop):
+        self.loop = loop
+
+    def __call__(self, model: torch.nn.Module, compressed) -> dict:
+        loop = self.loop
+        timing = measure({"dense": loop.dense, "compressed": compressed.module}, loop.example_inputs,
+                         lowering=loop.config.lowering, device=loop.runner.device,
+                         threads=loop.config.latency_threads)["results"]
+        return {"latency_ratio": timing["compressed"]["ratio"],
+                "latency_ms": {name: result["median_ms"] for name, result in timing.items()}}
+
+
+class Checkpoint:
+    """The hook that keeps the run folder: after each step the checkpoint, the trajectory, the kept model where
+    the step is within the tolerance, the step's model with `save_steps`; at the end the trajectory again."""
+
+    def __init__(self, loop: _Loop):
+        self.loop = loop
+
+    def on_step(self, entry: dict) -> None:
+        loop = self.loop
+        base = base_of(loop.model)
+        loop.folder.save_checkpoint({
+            "plan": plan_of(loop.model).to_dict(), "state_dict": plain_state_dict(base), "masks": masks_of(base),
+            "trajectory": loop.trajectory.to_dict(), "dense_state_dict": loop.dense.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+        if entry["within_tolerance"]:
+            loop.folder.save_model(loop.model)
+        if loop.config.save_steps:
+            loop.folder.save_model(loop.model, entry["step"])
+        loop.folder.save_trajectory(loop.trajectory.to_dict())
+
+    def on_end(self, trajectory: Trajectory) -> None:
+        self.loop.folder.save_trajectory(trajectory.to_dict())
 
 
 def loop_config(method: "str | Method", options: dict) -> LoopConfig:

@@ -1,6 +1,6 @@
 """The methods' choices, one step at a time, on the current (planned, fine-tuned) model.
 
-Each method scores the graph of the current model with its plan applied (`planned.planned_graph`: the
+Each method scores the graph of the current model with its plan applied (`trainable.planned_graph`: the
 activations already linearised are gone from it) and returns the decisions of this step:
 - "easier" (EASIER): the `count` activations of lowest layer entropy, plus every activation of entropy 0 (the
   published code takes those in the same step). Entropy is measured on calibration batches in eval mode
@@ -100,8 +100,9 @@ class Choice:
 class StepInputs:
     """What a method may read to choose: the example inputs, calibration batches (inputs only), one labelled
     validation batch (TLC's loss ranking), the step's random generator and, for the one-shot selection, where
-    latency is measured, a probe (fine-tune a planned copy briefly, return its validation score: `Probe`) and
-    the run folder to keep its tables in."""
+    latency is measured, a probe (fine-tune a planned copy briefly, return its validation score: `Probe`), the
+    run folder to keep its tables in, and the model's captured graph (pass it on to `planned_graph` and
+    `apply_plan` as `captured=`)."""
 
     example_inputs: tuple
     calibration: list
@@ -114,6 +115,7 @@ class StepInputs:
     probe: "Probe | None" = None
     folder: Path | None = None
     latency_ratio: float | None = None  # the loop's latency budget, which the one-shot selection reaches
+    captured: fx.GraphModule | None = None  # the model's `base_graph`, captured once per step by the loop
 
 
 class Probe(Protocol):
@@ -159,7 +161,7 @@ class Method:
         return chosen
 
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
-        gm = planned_graph(model, inputs.example_inputs)
+        gm = planned_graph(model, inputs.example_inputs, inputs.captured)
         candidates = [choice for choice in self.candidates(gm, model, inputs)
                       if self.only is None or self.only.search(choice.target)]
         chosen = latency_choice(gm, candidates, count, inputs.example_inputs) \
@@ -221,7 +223,7 @@ class Tlc(Method):
         if self.rank == "loss":
             current = _validation_loss(model, inputs)
             found = [Choice(c.target, c.decisions, _validation_loss(
-                apply_plan(model, Plan(c.decisions), inputs.example_inputs), inputs) - current) for c in found]
+                apply_plan(model, Plan(c.decisions), inputs.example_inputs, inputs.captured), inputs) - current) for c in found]
         return sorted(found, key=lambda choice: choice.score)
 
 
@@ -347,7 +349,7 @@ class Pruning(Method):
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         if not inputs.calibration:
             raise OptionError(f"method {self.name!r} needs calibration batches (entropy)")
-        gm = planned_graph(model, inputs.example_inputs)
+        gm = planned_graph(model, inputs.example_inputs, inputs.captured)
         _analyse(gm, ("annotate_entropy",), inputs)
         activations = [node for node in gm.graph.nodes if meta.ACTIVATION_STATS in node.meta]
         collapsible = [choice for node in activations if (choice := collapse_choice(gm, node)) is not None]

@@ -86,7 +86,7 @@ class OneShot(Method):
                               "budget option (the most importance to lose), not both")
         if self.importance == "criterion" and not inputs.calibration:
             raise OptionError("oneshot importance 'criterion' needs calibration batches")
-        gm = planned_graph(model, inputs.example_inputs)
+        gm = planned_graph(model, inputs.example_inputs, inputs.captured)
         ANALYSES["annotate_bn_state"](gm, PassContext(CompressConfig(), "annotate_bn_state"))
         folder = inputs.folder
         threads = inputs.threads or torch.get_num_threads()
@@ -152,7 +152,7 @@ def probe_costs(model: torch.nn.Module, table: CandidateTable, inputs: StepInput
         if key in scores:
             continue
         plan = Plan(() if candidate is None else candidate.decisions)
-        probed = apply_plan(model, plan, inputs.example_inputs)
+        probed = apply_plan(model, plan, inputs.example_inputs, inputs.captured)
         scores[key] = inputs.probe(probed, batches, samples, seed)
         if path is not None:
             _write_json(path, scores)
