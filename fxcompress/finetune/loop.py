@@ -392,7 +392,7 @@ class _Loop:
         steps = self.trajectory.steps
         if not steps:
             self.dense_step()
-        while not (stop := next(filter(None, (rule(self) for rule in STOP_RULES)), "")):
+        while not (stop := self.stop_reason()):
             step = steps[-1]["step"] + 1
             started = time.time()
             captured = base_graph(self.model, self.example_inputs)  # scored and applied: weights unchanged
@@ -410,6 +410,10 @@ class _Loop:
         self.trajectory.stopped = stop
         self.notify("on_end", self.trajectory)
         return self.trajectory
+
+    def stop_reason(self) -> str:
+        """The reason of the first stop rule that holds, or ""."""
+        return next((reason for rule in STOP_RULES if (reason := rule(self))), "")
 
     def result(self) -> PruneResult:
         kept = self.trajectory.kept
