@@ -186,7 +186,7 @@ def report() -> None:
     print("\n".join(rows))
 
 
-DEMO_RUN = "oneshot-probe"
+DEMO_RUN = "oneshot-probe-0.60"
 
 
 def freeze() -> None:
