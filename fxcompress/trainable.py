@@ -349,9 +349,11 @@ def base_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
 
 
 def _holds_weights_of(gm: fx.GraphModule, base: torch.nn.Module) -> bool:
-    graph_state, base_state = gm.state_dict(), base.state_dict()
-    return set(graph_state) <= set(base_state) and all(
-        torch.equal(graph_state[key], value) for key, value in base_state.items() if key in graph_state)
+    """Whether `gm` holds every parameter of `base`, by name, equal, and its buffers where it holds them."""
+    graph_state, parameters = gm.state_dict(), dict(base.named_parameters())
+    return set(parameters) <= set(graph_state) and all(
+        torch.equal(graph_state[key], value) for key, value in (*parameters.items(), *base.named_buffers())
+        if key in graph_state)
 
 
 def _captured(model: torch.nn.Module, example_inputs, plan: Plan,
