@@ -3,8 +3,8 @@ on the target lowering.
 
 Latency is measured once per op signature and input shape on a stand-alone module of that one op, by a timer the
 caller gives (`measure.op_timer`: lowered like the real model), and kept in a lookup table per lowering and device
-(in memory, and in a JSON file when a path is given); the cost model itself does no timing. The chain cost is the sum of its ops' latencies: launch overheads and fusions
-across ops are not modelled, which is why every merge is reported with both. A bias map (a per-resolution
+(in memory, and in a JSON file when a path is given); the cost model itself does no timing. The chain cost is the
+sum of its ops' latencies: launch overheads and fusions across ops are not modelled, which is why every merge is reported with both. A bias map (a per-resolution
 constant derived from the weights, one add per output like a bias) is not counted as parameters.
 """
 from __future__ import annotations
@@ -35,25 +35,35 @@ class _SpecModule(torch.nn.Module):
 OpTimer = Callable[[torch.nn.Module, tuple], float]  # (a one-op module, its inputs) -> median ms
 
 
-class LatencyTable:
-    """Median latency (ms) of single ops, measured once per signature by `timer` (`measure.op_timer`: on one
-    lowering and device, which `key` names in every entry)."""
+class MeasurementTable:
+    """Measurements by key, each made once: kept in memory and, with `path`, in a JSON file, read back when it
+    exists (the op latencies here, the regions' in `selection.latency`)."""
 
-    def __init__(self, timer: OpTimer, key: str, path: str | Path | None = None):
-        self.timer, self.key = timer, key
+    def __init__(self, path: str | Path | None = None):
         self.path = None if path is None else Path(path)
-        self.entries: dict[str, float] = {}
-        if self.path is not None and self.path.is_file():
-            self.entries = json.loads(self.path.read_text())
+        self.entries: dict = json.loads(self.path.read_text()) if self.path is not None and self.path.is_file() \
+            else {}
 
-    def latency(self, spec: ConvSpec | LinearSpec, in_shape) -> float:
-        key = self._key(spec, in_shape)
+    def measured(self, key: str, measure: Callable[[], object]):
+        """The measurement kept under `key`, made by `measure()` (and kept) where there is none yet."""
         if key not in self.entries:
-            self.entries[key] = self._measure(spec, in_shape)
+            self.entries[key] = measure()
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.path.write_text(json.dumps(self.entries, indent=1))
         return self.entries[key]
+
+
+class LatencyTable(MeasurementTable):
+    """Median latency (ms) of single ops, measured once per signature by `timer` (`measure.op_timer`: on one
+    lowering and device, which `key` names in every entry)."""
+
+    def __init__(self, timer: OpTimer, key: str, path: str | Path | None = None):
+        super().__init__(path)
+        self.timer, self.key = timer, key
+
+    def latency(self, spec: ConvSpec | LinearSpec, in_shape) -> float:
+        return self.measured(self._key(spec, in_shape), lambda: self._measure(spec, in_shape))
 
     def _key(self, spec, in_shape) -> str:
         shape = "x".join(map(str, in_shape))

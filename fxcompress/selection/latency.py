@@ -14,7 +14,6 @@ afterwards.
 from __future__ import annotations
 
 import hashlib
-import json
 import operator
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ import torch
 from torch import fx
 
 from ..backends import lower_module
+from ..cost import MeasurementTable
 from ..graph import constant, is_guard, stable_name, tensor_shape
 from ..measure import measure_latency, torch_threads
 
@@ -129,15 +129,12 @@ def _bound(run: Callable, inputs: tuple) -> Callable[[], object]:
     return lambda: run(*inputs)
 
 
-class LatencyTable:
+class LatencyTable(MeasurementTable):
     """Measured time of regions, keyed by their signatures (and the lowering, device and threads)."""
 
     def __init__(self, timer: Timer, key: str, path: str | Path | None = None):
+        super().__init__(path)
         self.timer, self.key = timer, key
-        self.path = None if path is None else Path(path)
-        self.entries: dict[str, list[float]] = {}
-        if self.path is not None and self.path.is_file():
-            self.entries = json.loads(self.path.read_text())
 
     def saving(self, before: fx.GraphModule, after: fx.GraphModule) -> float | None:
         """The ms saved where the region of `after` replaces that of `before` (negative: it costs more); 0 where
@@ -154,13 +151,5 @@ class LatencyTable:
             return None
         old, new = region_module(before, removed, old_boundary), region_module(after, added, new_boundary)
         key = f"{self.key}|{signature(old, old_inputs)}|{signature(new, new_inputs)}"
-        if key not in self.entries:
-            self.entries[key] = list(self.timer(old, old_inputs, new, new_inputs))
-            self._save()
-        before_ms, after_ms = self.entries[key]
+        before_ms, after_ms = self.measured(key, lambda: list(self.timer(old, old_inputs, new, new_inputs)))
         return before_ms - after_ms
-
-    def _save(self) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.entries, indent=1))
