@@ -223,7 +223,8 @@ class Tlc(Method):
         if self.rank == "loss":
             current = _validation_loss(model, inputs)
             found = [Choice(c.target, c.decisions, _validation_loss(
-                apply_plan(model, Plan(c.decisions), inputs.example_inputs, inputs.captured), inputs) - current) for c in found]
+                apply_plan(model, Plan(c.decisions), inputs.example_inputs, inputs.captured), inputs) - current)
+                for c in found]
         return sorted(found, key=lambda choice: choice.score)
 
 

@@ -232,7 +232,8 @@ class _Step:
     regulariser's penalty, outside autocast), backward (scaled for float16), optimiser and schedule."""
 
     def __init__(self, optimizer, scheduler, amp_dtype: torch.dtype | None, config: TrainConfig,
-                 teacher: nn.Module | None, regulariser: Regulariser | None = None, objective: Objective | None = None) -> None:
+                 teacher: nn.Module | None, regulariser: Regulariser | None = None,
+                 objective: Objective | None = None) -> None:
         self.optimizer, self.scheduler, self.amp_dtype = optimizer, scheduler, amp_dtype
         self.config, self.teacher, self.regulariser, self.objective = config, teacher, regulariser, objective
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
