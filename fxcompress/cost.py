@@ -4,8 +4,9 @@ on the target lowering.
 Latency is measured once per op signature and input shape on a stand-alone module of that one op, by a timer the
 caller gives (`measure.op_timer`: lowered like the real model), and kept in a lookup table per lowering and device
 (in memory, and in a JSON file when a path is given); the cost model itself does no timing. The chain cost is the
-sum of its ops' latencies: launch overheads and fusions across ops are not modelled, which is why every merge is reported with both. A bias map (a per-resolution
-constant derived from the weights, one add per output like a bias) is not counted as parameters.
+sum of its ops' latencies: launch overheads and fusions across ops are not modelled, which is why every merge is
+reported with both. A bias map (a per-resolution constant derived from the weights, one add per output like a
+bias) is not counted as parameters.
 """
 from __future__ import annotations
 
