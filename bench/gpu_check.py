@@ -15,9 +15,9 @@ one runs):
    save/load`, and a 2-step `prune` on the device; each output against eager (float32, no TF32) with its tolerance.
 2. latency: MobileNetV2 (original, exact = BatchNorms folded, the committed plans of the iterative loop and of the
    one-shot selection, every inverted residual collapsed), ResNet-18 and -50 (original, exact), the Fashion ViT
-   (original, exact, FOLDER) and ViT-B/16 (original, FOLDER); eager, cudagraphs and inductor-reduce-overhead; fp32 and fp16; batch 1, 32
-   and 128; medians of CUDA-event timings, interleaved, ratios against the original and the exact model. Groups run
-   in priority order while the budget lasts; the rest are recorded as skipped.
+   (original, exact, FOLDER) and ViT-B/16 (original, FOLDER); eager, cudagraphs and inductor-reduce-overhead; fp32
+   and fp16; batch 1, 32 and 128; medians of CUDA-event timings, interleaved, ratios against the original and the
+   exact model. Groups run in priority order while the budget lasts; the rest are recorded as skipped.
 3. prune: the one-shot selection (criterion importance, cudagraphs latency at batch 1) and the control, trained
    the same number of batches of the full training split, as many as the budget leaves.
 `--smoke` runs the same code on small inputs with few repeats (the test suite runs it on the CPU).
