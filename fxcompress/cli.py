@@ -296,7 +296,7 @@ def prune_command(args) -> int:
                    max_drop=args.max_drop, activations=args.activations, macs_ratio=args.macs_ratio,
                    latency_ratio=args.latency_ratio, lowering=args.lowering, measure_latency=args.latency,
                    selection=args.selection, method_options=method_options(args), only=args.only, seed=args.seed,
-                   anneal=args.anneal, latency_threads=args.latency_threads)
+                   anneal=args.anneal, rewind=args.rewind, latency_threads=args.latency_threads)
     if distributed.is_main():
         compressed = compress(result.model, example, dynamic_batch=_batch_dim(args))
         artifact = write_artifact(compressed.module, example, args.lowering, out, "fp32",
@@ -587,6 +587,8 @@ def _prune_parser(commands) -> None:
                      "(default: those training runs on)")
     sub.add_argument("--anneal", type=_checked_anneal, default=0.0,
                      help="fraction of each step's fine-tuning over which its decisions are blended in (0: at once)")
+    sub.add_argument("--rewind", action="store_true", help="fine-tune each step from the initial weights, under its "
+                     "masks (lottery-ticket retraining; a pruning method with --collapse false)")
     sub.add_argument("--selection", choices=list(SELECTIONS), default="criterion")
     sub.add_argument("--only", help="a regular expression: choose only activations or blocks whose names match")
     for flag, (dest, declared) in _method_flags().items():

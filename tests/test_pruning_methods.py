@@ -1,7 +1,9 @@
 """Unstructured pruning on the loop (EGP, global magnitude, DSD²): EGP's budget split against a direct
-computation, magnitude masks against torch.nn.utils.prune, masks that persist through fine-tuning and resume,
-layers driven to zero entropy collapsed exactly, and each method's loop on real Fashion-MNIST batches."""
+computation, magnitude masks against torch.nn.utils.prune and, over every layer of LeNet-300-100, against a sort
+of all weight magnitudes, masks that persist through fine-tuning and resume, layers driven to zero entropy
+collapsed exactly, rewinding to the initial weights, and each method's loop on real Fashion-MNIST batches."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +12,16 @@ from torch.nn.utils import prune as torch_prune
 
 import fxcompress
 from fxcompress import OptionError, compress
-from fxcompress.data import FASHION_MNIST_DIR, fashion_mnist_splits
-from fxcompress.trainable import apply_plan, plan_of
-from fxcompress.finetune.methods import Egp, StepInputs
-from fxcompress.finetune.sparsity import (egp_amounts, global_magnitude_masks, layer_magnitude_masks,
-                                          plain_state_dict, set_masks)
+from fxcompress.cli import main as cli_main
+from fxcompress.data import FASHION_MNIST_DIR, Splits, fashion_mnist_splits
+from fxcompress.finetune.methods import Egp, Magnitude, StepInputs
+from fxcompress.finetune.run_folder import RunFolder
+from fxcompress.finetune.sparsity import (effective_weight, egp_amounts, global_magnitude_masks, layer_magnitude_masks,
+                                          masks_of, plain_state_dict, rewind, set_masks)
 from fxcompress.finetune.trainer import TrainConfig, train
 from fxcompress.models import torchvision_model, with_classes
 from fxcompress.plan import Plan
+from fxcompress.trainable import apply_plan, plan_of
 
 from helpers import randomize_batchnorm
 from loop_models import small_cnn
@@ -172,3 +176,122 @@ def test_egp_prunes_mobilenet_v2_layer_by_layer():
     kept = [mask.float().mean().item() for mask in masks]
     assert min(kept) < 0.4 and max(kept) > 0.6  # split unevenly by entropy x magnitude
     assert 0 < result.trajectory.steps[1]["sparsity"] < 0.5
+
+
+X784 = (torch.randn(1, 784, generator=torch.Generator().manual_seed(1)),)
+LENET_LAYERS = ["0", "2", "4"]
+
+
+def lenet_300_100(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def all_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([effective_weight(model.get_submodule(path)).flatten() for path in LENET_LAYERS])
+
+
+def vectors(samples: int, seed: int) -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(samples, 784, generator=generator),
+                                          torch.randint(0, 10, (samples,), generator=generator))
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_scope_all_prunes_every_layer_by_global_magnitude_the_output_layer_included(rounds):
+    model = apply_plan(lenet_300_100(), Plan(), X784).eval()
+    inputs = StepInputs(X784, [(torch.randn(32, 784),)], None, None)
+    method = Magnitude(rate=0.2, scope="all", collapse=False)
+    for _ in range(rounds):
+        before = all_weights(model)
+        alive = before != 0
+        choices = method.choose(model, inputs, 1)
+        assert [choice.decisions for choice in choices] == [()] and list(choices[0].masks) == LENET_LAYERS
+        set_masks(model, choices[0].masks)
+        # direct computation: of the weights still alive, the int(20 %) smallest magnitudes go
+        expected = alive.clone()
+        expected[alive.nonzero().flatten()[before.abs()[alive].argsort()[:int(0.2 * alive.sum())]]] = False
+        after = all_weights(model)
+        assert torch.equal(after != 0, expected)
+        assert torch.equal(after[expected], before[expected])
+    assert abs(expected.float().mean().item() - 0.8 ** rounds) < 1e-5
+    feeding = Magnitude(rate=0.2, collapse=False).choose(model, inputs, 1)
+    assert list(feeding[-1].masks) == ["0", "2"]  # the output layer feeds no activation
+
+
+def test_rewind_sets_the_weights_back_under_masks_that_fine_tuning_keeps():
+    model = lenet_300_100()
+    initial = {key: value.clone() for key, value in model.state_dict().items()}
+    train(model, vectors(64, 0), FEW, 1, seed=0)
+    masks = global_magnitude_masks(model, LENET_LAYERS, 0.5)
+    set_masks(model, masks)
+    rewind(model, initial)
+    for path in LENET_LAYERS:
+        layer = model.get_submodule(path)
+        assert torch.equal(effective_weight(layer), initial[f"{path}.weight"] * masks[path])
+        assert torch.equal(layer.bias, initial[f"{path}.bias"]) and torch.equal(layer.weight_mask.bool(), masks[path])
+    train(model, vectors(64, 1), FEW, 1, seed=1)
+    for path in LENET_LAYERS:
+        weight = effective_weight(model.get_submodule(path))
+        assert torch.all(weight[~masks[path]] == 0)
+        assert not torch.equal(weight[masks[path]], initial[f"{path}.weight"][masks[path]])
+
+
+def test_the_loop_with_rewind_fine_tunes_each_step_from_the_initial_weights(tmp_path):
+    model = lenet_300_100()
+    initial = {key: value.clone() for key, value in model.state_dict().items()}
+    data = Splits(vectors(128, 0), vectors(64, 1), vectors(64, 2), size=28)
+    options = dict(method=Magnitude(rate=0.5, scope="all", collapse=False), data=data, rewind=True,
+                   train_config=TrainConfig(max_batches=2, batch_size=16, lr=0.1, progress=False), dense_epochs=1,
+                   max_drop=1.0, progress=False)
+    fxcompress.prune(model, X784, steps=2, epochs_per_step=0, save_steps=True, out=tmp_path / "untrained",
+                     **options)
+    folder = RunFolder(tmp_path / "untrained")
+    dense, steps = folder.step_model(0), [folder.step_model(step) for step in (1, 2)]
+    assert not torch.equal(dense.get_submodule("0").weight, initial["0.weight"])  # the dense step trained
+    # step 1's masks come from the trained dense weights' magnitudes, step 2's from the rewound weights'
+    assert all(torch.equal(mask, masks_of(steps[0])[path])
+               for path, mask in global_magnitude_masks(dense, LENET_LAYERS, 0.5).items())
+    for planned in steps:
+        for path, mask in masks_of(planned).items():
+            layer = planned.get_submodule(path)
+            assert torch.equal(effective_weight(layer), initial[f"{path}.weight"] * mask)
+            assert torch.equal(layer.bias, initial[f"{path}.bias"])
+    whole = fxcompress.prune(model, X784, steps=2, epochs_per_step=1, **options)
+    fxcompress.prune(model, X784, steps=1, epochs_per_step=1, out=tmp_path / "run", **options)
+    # resumed with another initialisation given: the run's own initial weights come from its checkpoint
+    resumed = fxcompress.prune(lenet_300_100(seed=1), X784, steps=2, epochs_per_step=1, out=tmp_path / "run",
+                               resume=True, **options)
+    assert [step["validation"] for step in resumed.trajectory.steps] == \
+        [step["validation"] for step in whole.trajectory.steps]
+    with torch.no_grad():
+        assert torch.equal(resumed.model.eval()(X784[0]), whole.model.eval()(X784[0]))
+    assert all(torch.equal(value, initial[key]) for key, value in model.state_dict().items())
+    assert whole.trajectory.steps[2]["sparsity"] == pytest.approx(0.75, abs=1e-5)
+
+
+def test_rewind_needs_a_method_that_keeps_the_structure():
+    for method, options, message in (("easier", {}, "rewind sets the weights back"),
+                                     ("magnitude", {}, "collapse=False"),
+                                     ("magnitude", {"method_options": {"collapse": False}, "anneal": 0.5},
+                                      "rewind and anneal")):
+        with pytest.raises(OptionError, match=message):
+            fxcompress.prune(small_cnn(), X16, method=method, data=object(), rewind=True, **options)
+    with pytest.raises(OptionError, match="scope 'all'"):
+        Egp(scope="all")
+    with pytest.raises(OptionError, match="scope must be one of feeding, all"):
+        Magnitude(scope="every")
+    with pytest.raises(OptionError, match="'collapse' must be a bool"):
+        Magnitude(collapse="no")
+
+
+@needs_data
+def test_the_prune_command_rewinds_with_the_pruning_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent)
+    code = cli_main(["prune", "loop_models:small_cnn", "--method", "magnitude", "--prune-scope", "all",
+                     "--collapse", "false", "--rewind", "--size", "16", "--out", str(tmp_path / "run"), "--steps", "1",
+                     "--max-drop", "1", "--train-samples", "32", "--validation-samples", "32", "--test-samples", "32",
+                     "--batch-size", "16", "--max-batches", "1", "--lowering", "eager", "--quiet"])
+    settings = RunFolder(tmp_path / "run").trajectory()["settings"]
+    assert code == 0 and settings["rewind"] is True
+    assert settings["method_options"] == {"rate": 0.5, "scope": "all", "collapse": False}

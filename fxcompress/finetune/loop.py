@@ -5,7 +5,9 @@
 training where asked) and repeats until a stop rule holds (`STOP_RULES`: the validation score more than
 `max_drop` below the dense model's, a one-shot plan chosen, a budget met: `activations` linearised, `macs_ratio`
 or `latency_ratio` of the compressed model against the dense one; `steps` steps run) or the method has nothing
-left to choose. The result is the last step within the tolerance. Each step's record (`Trajectory`) is measured
+left to choose. With `rewind`, each step fine-tunes from the weights the model had before the dense step's
+training, under the step's masks (lottery-ticket retraining; pruning methods that keep the structure). The
+result is the last step within the tolerance. Each step's record (`Trajectory`) is measured
 (`Costs`, `Latency`) and handed to the hooks (`hooks.StepLine`, the caller's, and `Checkpoint`, which writes the
 run folder with `out`: `run_folder.RunFolder`, checkpoint, the kept planned model, trajectory, every step's
 model with `save_steps`); `resume=True` continues an interrupted run from its last checkpoint (a step that was
@@ -47,7 +49,7 @@ from .hooks import StepLine
 from .methods import Method, StepInputs, make_method
 from .objectives import Objective
 from .run_folder import RunFolder
-from .sparsity import masks_of, plain_state_dict, set_masks, weight_sparsity
+from .sparsity import masks_of, plain_state_dict, rewind, set_masks, weight_sparsity
 from .trainer import TrainConfig, collate_fn, evaluate as evaluate_on, train
 
 
@@ -69,6 +71,7 @@ class LoopConfig:
     method_options: dict = field(default_factory=dict)  # the method's own (`Method.options`), all of them once made
     calibration_batches: int = 4
     anneal: float = 0.0  # fraction of each step's fine-tune over which its new decisions are blended in (0: at once)
+    rewind: bool = False  # each step fine-tunes from the weights before the dense step's training, under its masks
     save_steps: bool = False  # with `out`, every step's plan and weights too, in steps/<step>.pt (as kept.pt)
     only: str | None = None  # a regular expression: the method chooses only targets whose names it matches
     seed: int = 0
@@ -86,8 +89,9 @@ class LoopConfig:
             raise OptionError(f"latency_threads must be an int >= 1 or None, got {self.latency_threads!r}")
         if not 0 <= finite_number("anneal", self.anneal) < 1:
             raise OptionError(f"anneal must be in [0, 1), got {self.anneal!r}")
-        if not isinstance(self.save_steps, bool):
-            raise OptionError(f"save_steps must be a bool, got {self.save_steps!r}")
+        for name in ("save_steps", "rewind"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not 0 <= finite_number("max_drop", self.max_drop) <= 1:
             raise OptionError(f"max_drop must be in [0, 1], got {self.max_drop!r}")
         if self.activations is not None and (not isinstance(self.activations, int) or self.activations < 1):
@@ -98,7 +102,14 @@ class LoopConfig:
                 raise OptionError(f"budget '{name}' must be in (0, 1], got {value!r}")
         if not isinstance(self.method_options, dict):
             raise OptionError(f"method_options must be a dict, got {type(self.method_options).__name__}")
-        object.__setattr__(self, "method_options", self.make_method().option_values())
+        method = self.make_method()
+        if self.rewind and not method.keeps_structure:
+            raise OptionError("rewind sets the weights back to their initial values: it needs a method whose choices "
+                              f"keep every weight's shape (a pruning method with collapse=False), not {self.method!r}")
+        if self.rewind and self.anneal:
+            raise OptionError("rewind and anneal cannot be combined: a rewound step has no earlier weights to blend "
+                              "from")
+        object.__setattr__(self, "method_options", method.option_values())
 
     def make_method(self) -> Method:
         method = make_method(self.method, self.selection, self.method_options)
@@ -273,6 +284,7 @@ class _Loop:
         self.validation_batch = validation_batch
         self.model = apply_plan(model, Plan(), example_inputs)
         self.template = copy.deepcopy(base_of(self.model))  # unpruned: checkpoints load into copies of it
+        self.initial = plain_state_dict(self.template) if config.rewind else None  # what `rewind` restores
         self.trajectory = Trajectory(asdict(config))
         self.dense = None  # the dense model (eval), for latency
         self.kept_model = None
@@ -294,6 +306,7 @@ class _Loop:
         self.dense.load_state_dict(state["dense_state_dict"])
         self.runner.teacher = self.dense.eval()
         self.model = self._load(state)
+        self.initial = state.get("initial_state_dict")
         self.trajectory = Trajectory(**state["trajectory"])
         self.trajectory.settings["steps"] = self.config.steps
         torch.set_rng_state(state["rng"]["torch"])
@@ -404,6 +417,8 @@ class _Loop:
             if choices and not applied:
                 stop = "none of the chosen decisions can be applied"
                 break
+            if self.config.rewind:
+                rewind(model, self.initial)
             previous, self.model, choices = self.model, model, applied
             epochs = self.finetune(self.config.epochs_per_step, self.config.seed * 1000 + step, since=previous)
             self.record(step, choices, started, epochs)
@@ -505,7 +520,8 @@ class Checkpoint:
         loop.folder.save_checkpoint({
             "plan": plan_of(loop.model).to_dict(), "state_dict": plain_state_dict(base), "masks": masks_of(base),
             "trajectory": loop.trajectory.to_dict(), "dense_state_dict": loop.dense.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            **({"initial_state_dict": loop.initial} if loop.initial is not None else {})})
         if entry["within_tolerance"]:
             loop.folder.save_model(loop.model)
         if loop.config.save_steps:

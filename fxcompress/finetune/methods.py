@@ -20,11 +20,13 @@ activations already linearised are gone from it) and returns the decisions of th
 - "random": `count` remaining activations in a seeded random order (a baseline).
 - "control": nothing: the loop only fine-tunes (extra training alone improves a model).
 - "egp" (EGP/NEPENTHE), "magnitude" and "dsd2": a round of unstructured pruning per step (`sparsity`): `rate` of
-  the unpruned weights of the layers that feed an activation, split by EGP's entropy-guided budget ("egp") or
-  globally by magnitude ("magnitude", the baseline). First, every activation of zero entropy on the calibration
-  batches (each channel always on or always off: what pruning drives layers to) collapses: it is linearised and
-  its always-off channels removed or zeroed (`collapse_choice`). "dsd2" (DSD²) prunes by magnitude (or EGP's
-  split) 20 % per round and has the loop distil the dense model into the pruned one (alpha 0.8, T 10).
+  the unpruned weights of the layers that feed an activation (`scope="feeding"`; `scope="all"`: every conv and
+  linear, the output layer included, by magnitude only), split by EGP's entropy-guided budget ("egp") or
+  globally by magnitude ("magnitude", the baseline). First (unless `collapse=False`), every activation of zero
+  entropy on the calibration batches (each channel always on or always off: what pruning drives layers to)
+  collapses: it is linearised and its always-off channels removed or zeroed (`collapse_choice`). "dsd2" (DSD²)
+  prunes by magnitude (or EGP's split) 20 % per round and has the loop distil the dense model into the pruned
+  one (alpha 0.8, T 10).
 
 `selection="criterion"` takes the candidates in the criterion's order (the papers). `selection="latency"` also
 forms joint candidates, pairs of activations that follow each other in a chain (the two of an inverted
@@ -62,10 +64,11 @@ from ..selection.candidates import next_activation
 from ..trainable import apply_plan, planned_graph
 from .lacoot import BlockDistanceRegulariser, measured_distances, planned_model, positive_integer
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
-                       layer_magnitude_masks, layer_modules)
+                       layer_magnitude_masks, layer_modules, weight_layers)
 
 TLC_RANKS = ("error", "loss")
 PRUNING_SPLITS = ("magnitude", "egp")
+PRUNING_SCOPES = ("feeding", "all")
 SELECTIONS = ("criterion", "latency")
 JOINT_LIMIT = 12  # single candidates whose MACs after merging the latency selection measures (and every pair)
 
@@ -183,6 +186,12 @@ class Method:
     def needs_trainer(self) -> bool:
         """Whether the method trains with its own loss, which only the built-in trainer computes."""
         return self.distillation is not None
+
+    @property
+    def keeps_structure(self) -> bool:
+        """Whether the method's choices leave every layer and weight shape as it is (weight masks at most): what
+        rewinding the weights to their initial values needs."""
+        return False
 
     def regulariser(self, model: torch.nn.Module, example_inputs):
         """The training regulariser the loop trains with (`trainer.train(regulariser=)`); None: plain loss."""
@@ -329,23 +338,44 @@ class Control(Method):
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         return []
 
+    @property
+    def keeps_structure(self) -> bool:
+        return True
+
 
 class Pruning(Method):
-    """One round of unstructured pruning per step, after collapsing the activations of zero entropy."""
+    """One round of unstructured pruning per step, after collapsing the activations of zero entropy (unless
+    `collapse=False`)."""
 
     split = "magnitude"
     default_rate = 0.5  # of the unpruned weights per round (EGP; the baseline uses the same schedule)
     options = (MethodOption("rate", None, "fraction of the unpruned weights pruned per step (0.5; dsd2 0.2)",
-                            float, flag="prune-rate", bounds=(0, 1)),)
+                            float, flag="prune-rate", bounds=(0, 1)),
+               MethodOption("scope", "feeding", "the layers pruned: those feeding an activation, or all convs and "
+                            "linears (magnitude only)", str, PRUNING_SCOPES, "prune-scope"),
+               MethodOption("collapse", True, "linearise the activations of zero entropy before each round", bool))
 
     def restrict(self, pattern: str) -> None:
         raise OptionError(f"method {self.name!r} prunes weights over the whole model: option 'only' does not apply")
 
-    def __init__(self, selection: str = "criterion", rate: float | None = None):
+    def __init__(self, selection: str = "criterion", rate: float | None = None, scope: str = "feeding",
+                 collapse: bool = True):
         super().__init__(selection)
         self.rate = self.default_rate if rate is None else rate
         if not 0 < self.rate < 1:
             raise OptionError(f"prune rate must be in (0, 1), got {self.rate!r}")
+        if scope not in PRUNING_SCOPES:
+            raise OptionError(f"prune scope must be one of {', '.join(PRUNING_SCOPES)}, got {scope!r}")
+        if not isinstance(collapse, bool):
+            raise OptionError(f"option 'collapse' must be a bool, got {collapse!r}")
+        self.scope, self.collapse = scope, collapse
+        if self.split == "egp" and scope == "all":
+            raise OptionError("EGP splits the budget by the entropy of the activation each layer feeds: scope 'all' "
+                              "(layers that feed none) prunes by magnitude only")
+
+    @property
+    def keeps_structure(self) -> bool:
+        return not self.collapse
 
     def choose(self, model: torch.nn.Module, inputs: StepInputs, count: int) -> list[Choice]:
         if not inputs.calibration:
@@ -353,7 +383,8 @@ class Pruning(Method):
         gm = planned_graph(model, inputs.example_inputs, inputs.captured)
         _analyse(gm, ("annotate_entropy",), inputs)
         activations = [node for node in gm.graph.nodes if meta.ACTIVATION_STATS in node.meta]
-        collapsible = [choice for node in activations if (choice := collapse_choice(gm, node)) is not None]
+        collapsible = [choice for node in activations if self.collapse
+                       and (choice := collapse_choice(gm, node)) is not None]
         collapsed = self.take(gm, collapsible, len(collapsible), inputs.example_inputs)
         done = {choice.target for choice in collapsed}
         entropy = {}  # module path -> the entropy of the (first) activation it feeds
@@ -361,14 +392,15 @@ class Pruning(Method):
             if stable_name(node) not in done:
                 for path in layer_modules(model, feeding_layers(node)):
                     entropy.setdefault(path, node.meta[meta.ACTIVATION_STATS].layer_entropy_egp)
-        if not entropy:
+        paths = list(entropy) if self.scope == "feeding" else layer_modules(model, weight_layers(gm))
+        if not paths:
             return collapsed
-        masks = self.masks(model, entropy)
+        masks = self.masks(model, paths, entropy)
         return collapsed + [Choice(f"prune {self.rate:g} ({self.split})", (), math.nan, masks)]
 
-    def masks(self, model: torch.nn.Module, entropy: dict[str, float]) -> dict:
+    def masks(self, model: torch.nn.Module, paths: list[str], entropy: dict[str, float]) -> dict:
         if self.split == "magnitude":
-            return global_magnitude_masks(model, list(entropy), self.rate)
+            return global_magnitude_masks(model, paths, self.rate)
         scores, unpruned = {}, {}
         for path, layer_entropy in entropy.items():
             module = model.get_submodule(path)
@@ -395,11 +427,12 @@ class Dsd2(Pruning):
     options = Pruning.options + (MethodOption("pruning", "magnitude", "DSD²'s pruning split", str, PRUNING_SPLITS,
                                               "dsd2-pruning"),)
 
-    def __init__(self, selection: str = "criterion", rate: float | None = None, pruning: str = "magnitude"):
-        super().__init__(selection, rate)
+    def __init__(self, selection: str = "criterion", rate: float | None = None, scope: str = "feeding",
+                 collapse: bool = True, pruning: str = "magnitude"):
         if pruning not in PRUNING_SPLITS:
             raise OptionError(f"DSD2 pruning must be one of {', '.join(PRUNING_SPLITS)}, got {pruning!r}")
         self.split = pruning
+        super().__init__(selection, rate, scope, collapse)
 
     @property
     def pruning(self) -> str:

@@ -1,7 +1,7 @@
 """A run's folder: the one owner of the files the fine-tuning loop writes, and of reading them back.
 
   checkpoint.pt     what resume needs: the current model's plan, plain weights and pruning masks, the dense
-                    model's weights, the RNG states and the trajectory
+                    model's weights, the RNG states, the trajectory and, with `rewind`, the initial weights
   kept.pt           the last step within the tolerance: the planned model itself (`kept_model()`, or
                     `torch.load(path, weights_only=False)`: its class must be importable, its plan is applied again)
   steps/<step>.pt   with `save_steps`, every step's planned model, as kept.pt (`step_model(step)`)

@@ -1,9 +1,10 @@
 """Unstructured pruning on the loop: weight masks, EGP's entropy-guided budget, global magnitude pruning.
 
 The layers pruned are the convs and linears that feed an activation (through BatchNorms and residual adds) in
-the current model's graph: `feeding_layers`. Masks are `torch.nn.utils.prune` masks on those modules, so pruned
-weights stay zero through fine-tuning (`set_masks`); a checkpoint holds the plain weights (`plain_state_dict`)
-and the masks (`masks_of`).
+the current model's graph (`feeding_layers`), or all of them, the output layer included (`weight_layers`).
+Masks are `torch.nn.utils.prune` masks on those modules, so pruned weights stay zero through fine-tuning
+(`set_masks`); a checkpoint holds the plain weights (`plain_state_dict`) and the masks (`masks_of`); `rewind`
+sets the weights back to earlier values under the masks (lottery-ticket retraining).
 
 Each round prunes a fraction `rate` of the weights still unpruned in the layers:
 - globally by magnitude (`global_magnitude_masks`: the baseline, and DSD²'s pruning);
@@ -42,6 +43,11 @@ def feeding_layers(activation: fx.Node) -> list[fx.Node]:
         elif call.kind in _THROUGH:
             pending.extend(arg for arg in (call["input"], call.args.get("other")) if isinstance(arg, fx.Node))
     return found
+
+
+def weight_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every conv and linear node of `gm`, in graph order."""
+    return [node for node in gm.graph.nodes if (call := bind(node)) is not None and call.kind in ("conv", "linear")]
 
 
 def layer_modules(model: nn.Module, layers: list[fx.Node]) -> list[str]:
@@ -154,6 +160,20 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{path}." if path else ""
         state[f"{prefix}weight"] = state.pop(f"{prefix}weight_orig") * state.pop(f"{prefix}weight_mask")
     return state
+
+
+def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Set every parameter and buffer of `model` back to its value in `state` (a plain state_dict of the same
+    model); a pruned weight gets it under its mask, which stays (lottery-ticket rewinding)."""
+    pruned = masks_of(model)
+    with torch.no_grad():
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            path, _, name = key.rpartition(".")
+            if path in pruned and name == "weight_mask":
+                continue
+            if path in pruned and name == "weight_orig":
+                key = f"{path}.weight" if path else "weight"
+            tensor.copy_(state[key])
 
 
 def weight_sparsity(model: nn.Module) -> float:
