@@ -175,9 +175,9 @@ def report() -> None:
         from fxcompress import compress
         model, example = mobilenet_v2(), (torch.randn(1, 3, SIZE, SIZE),)
         plan = collapse_plan(model, example)
-        report = compress(model, example, plan=plan).report
-        rows.append(f"| {COLLAPSE} (untrained: latency only) | — | — | — | {report.before.weight_layers} → "
-                    f"{report.after.weight_layers} | {len(plan.targets('linearize'))} | 0 | — | "
+        collapsed = compress(model, example, plan=plan).report
+        rows.append(f"| {COLLAPSE} (untrained: latency only) | — | — | — | {collapsed.before.weight_layers} → "
+                    f"{collapsed.after.weight_layers} | {len(plan.targets('linearize'))} | 0 | — | "
                     f"{pair(timing[COLLAPSE], SIZE)} | {pair(timing[COLLAPSE], 224)} | — | — |")
     axes.axhline(100 * reference - 1, color="grey", linestyle="--", label="control - 1 point")
     axes.axvline(1.5, color="grey", linestyle=":", label="goal: 1.5x")

@@ -91,9 +91,14 @@ def channel_width(node: fx.Node) -> int | None:
     return shape[channel_axis(node)] if shape is not None and len(shape) >= 2 else None
 
 
+def nodes_of_kind(gm: fx.GraphModule, *kinds: str) -> list[fx.Node]:
+    """The nodes whose op-table kind is one of `kinds`, in graph order."""
+    return [n for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind in kinds]
+
+
 def names_of_kind(gm: fx.GraphModule, *kinds: str) -> list[str]:
     """Stable names of the nodes whose op-table kind is one of `kinds`, in graph order."""
-    return [stable_name(n) for n in gm.graph.nodes if (c := bind(n)) is not None and c.kind in kinds]
+    return [stable_name(n) for n in nodes_of_kind(gm, *kinds)]
 
 
 def module_of(name: str) -> str:

@@ -54,7 +54,7 @@ from ..config import CompressConfig
 from ..context import Calibration, PassContext
 from ..criteria import OFF
 from ..errors import OptionError, PassError, PlanError, finite_number
-from ..graph import names_of_kind, stable_name
+from ..graph import names_of_kind, nodes_of_kind, stable_name
 from ..ops import activation_regions, bind
 from ..passes import ANALYSES
 from ..pipeline import compress_graph
@@ -64,7 +64,7 @@ from ..selection.candidates import next_activation
 from ..trainable import apply_plan, planned_graph
 from .lacoot import BlockDistanceRegulariser, measured_distances, planned_model, positive_integer
 from .sparsity import (current_mask, effective_weight, egp_amounts, feeding_layers, global_magnitude_masks,
-                       layer_magnitude_masks, layer_modules, weight_layers)
+                       layer_magnitude_masks, layer_modules)
 
 TLC_RANKS = ("error", "loss")
 PRUNING_SPLITS = ("magnitude", "egp")
@@ -392,7 +392,7 @@ class Pruning(Method):
             if stable_name(node) not in done:
                 for path in layer_modules(model, feeding_layers(node)):
                     entropy.setdefault(path, node.meta[meta.ACTIVATION_STATS].layer_entropy_egp)
-        paths = list(entropy) if self.scope == "feeding" else layer_modules(model, weight_layers(gm))
+        paths = list(entropy) if self.scope == "feeding" else layer_modules(model, nodes_of_kind(gm, "conv", "linear"))
         if not paths:
             return collapsed
         masks = self.masks(model, paths, entropy)

@@ -1,7 +1,7 @@
 """Unstructured pruning on the loop: weight masks, EGP's entropy-guided budget, global magnitude pruning.
 
 The layers pruned are the convs and linears that feed an activation (through BatchNorms and residual adds) in
-the current model's graph (`feeding_layers`), or all of them, the output layer included (`weight_layers`).
+the current model's graph (`feeding_layers`), or all of them, the output layer included.
 Masks are `torch.nn.utils.prune` masks on those modules, so pruned weights stay zero through fine-tuning
 (`set_masks`); a checkpoint holds the plain weights (`plain_state_dict`) and the masks (`masks_of`); `rewind`
 sets the weights back to earlier values under the masks (lottery-ticket retraining).
@@ -43,11 +43,6 @@ def feeding_layers(activation: fx.Node) -> list[fx.Node]:
         elif call.kind in _THROUGH:
             pending.extend(arg for arg in (call["input"], call.args.get("other")) if isinstance(arg, fx.Node))
     return found
-
-
-def weight_layers(gm: fx.GraphModule) -> list[fx.Node]:
-    """Every conv and linear node of `gm`, in graph order."""
-    return [node for node in gm.graph.nodes if (call := bind(node)) is not None and call.kind in ("conv", "linear")]
 
 
 def layer_modules(model: nn.Module, layers: list[fx.Node]) -> list[str]:
